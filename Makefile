@@ -1,0 +1,39 @@
+# Fresh-machine entry points. Each target sets up .venv itself; a second run skips what is up to date.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH_WHEEL_DIR ?= /opt/wheels
+export HF_HUB_OFFLINE := 1
+export DS_ACCELERATOR := cpu
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# torch goes first from the pinned CPU wheel so nothing later pulls a CUDA build;
+# deepspeed is an sdist whose build must see that torch, hence --no-build-isolation.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --find-links $(TORCH_WHEEL_DIR) torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dualtoken demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout 900 tests
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .torch_extensions runs

@@ -1,0 +1,1 @@
+"""The DualToken visual tokenizer: one SigLIP-style tower, a pixel and a semantic residual-VQ branch, a pixel decoder."""

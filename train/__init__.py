@@ -1,0 +1,1 @@
+"""Training entry points: MLLM instruction tuning with HF Trainer, DeepSpeed ZeRO and peft LoRA."""
