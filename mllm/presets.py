@@ -1,0 +1,122 @@
+"""Named MLLM configurations: `tiny` (a small Qwen2 that trains on CPU in minutes) and `paper`
+(Qwen2.5-3B-Instruct from a local directory with the paper-scale DualToken geometry)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from mllm.configuration import DualTokenMLLMConfig
+
+PRESETS = ("tiny", "paper")
+
+
+def tiny_text_config(vocab_size: int = 1024, **overrides: Any) -> dict:
+    """A 4-layer, 256-wide Qwen2 (about 3M parameters besides the embeddings); embeddings are resized later."""
+    config = {
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+    }
+    config.update(overrides)
+    return config
+
+
+def tiny_fields(**overrides: Any) -> dict[str, Any]:
+    """Tiny preset fields: the tiny Qwen2 above, 3-layer depth heads 256 wide, the tiny tokenizer geometry
+    (64 px, 8x8 grid, depth 4; the code sizes are overwritten from the tokenizer by `from_tokenizer`)."""
+    fields: dict[str, Any] = {
+        "text_config": tiny_text_config(),
+        "codebook_size": 1024,
+        "code_dim": 32,
+        "rq_depth": 4,
+        "grid_size": 8,
+        "image_size": 64,
+        "depth_head_layers": 3,
+        "depth_head_width": 256,
+        "depth_head_heads": 4,
+    }
+    fields.update(overrides)
+    return fields
+
+
+def tiny_mllm_config(**overrides: Any) -> DualTokenMLLMConfig:
+    """The tiny preset configuration (see `tiny_fields`)."""
+    return DualTokenMLLMConfig(**tiny_fields(**overrides))
+
+
+def paper_fields(llm_dir: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """Paper preset fields: the text config of a local Qwen2.5-3B-Instruct directory, K=16,384 codes of dim 32, depth 8,
+    27x27 grid at 384 px, 3-layer depth heads 1,024 wide with 16 heads (8 per-depth classifiers each)."""
+    path = Path(llm_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"paper_mllm_config: no config.json in the LLM directory {path}")
+    fields: dict[str, Any] = {
+        "text_config": AutoConfig.from_pretrained(path),
+        "codebook_size": 16384,
+        "code_dim": 32,
+        "rq_depth": 8,
+        "grid_size": 27,
+        "image_size": 384,
+        "depth_head_layers": 3,
+        "depth_head_width": 1024,
+        "depth_head_heads": 16,
+    }
+    fields.update(overrides)
+    return fields
+
+
+def paper_mllm_config(llm_dir: str | os.PathLike, **overrides: Any) -> DualTokenMLLMConfig:
+    """The paper preset configuration (see `paper_fields`)."""
+    return DualTokenMLLMConfig(**paper_fields(llm_dir, **overrides))
+
+
+def mllm_config(
+    preset: str, llm_dir: str | os.PathLike | None = None, **overrides: Any
+) -> DualTokenMLLMConfig:
+    """Configuration of a named preset ("tiny" or "paper"; "paper" needs `llm_dir`)."""
+    if preset == "tiny":
+        return tiny_mllm_config(**overrides)
+    if preset == "paper":
+        if llm_dir is None:
+            raise ValueError("the 'paper' MLLM preset needs llm_dir (a local Qwen2.5-3B-Instruct directory)")
+        return paper_mllm_config(llm_dir, **overrides)
+    raise ValueError(f"unknown MLLM preset {preset!r}; expected one of {PRESETS}")
+
+
+def build_mllm(
+    preset: str,
+    tokenizer_model: Any | None,
+    text_tokenizer: Any,
+    llm_dir: str | os.PathLike | None = None,
+    **overrides: Any,
+):
+    """A ready `DualTokenMLLM` for a preset: "tiny" builds a randomly initialised tiny Qwen2 sized to the text
+    tokenizer; "paper" loads the pretrained LLM weights from `llm_dir`. The text tokenizer gets the special
+    tokens it lacks; the code embeddings come from `tokenizer_model` when given."""
+    from mllm.modeling import DualTokenMLLM
+    from mllm.processor import ensure_special_tokens
+
+    ensure_special_tokens(text_tokenizer)
+    if preset == "tiny":
+        fields = tiny_fields(**overrides)
+        text_config = {**fields.pop("text_config"), "vocab_size": len(text_tokenizer)}
+        return DualTokenMLLM.from_llm(text_config, tokenizer_model, text_tokenizer, **fields)
+    if preset == "paper":
+        if llm_dir is None:
+            raise ValueError("the 'paper' MLLM preset needs llm_dir (a local Qwen2.5-3B-Instruct directory)")
+        fields = paper_fields(llm_dir, **overrides)
+        fields.pop("text_config")
+        return DualTokenMLLM.from_llm(llm_dir, tokenizer_model, text_tokenizer, **fields)
+    raise ValueError(f"unknown MLLM preset {preset!r}; expected one of {PRESETS}")

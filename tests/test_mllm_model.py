@@ -1,0 +1,241 @@
+"""DualTokenMLLM forward pass: cache consistency, depth-head causality, loss masking, visual loss scope,
+understanding-token modes and the pixel-head-only ablation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mllm_testing import build_micro, random_codes, train_text_tokenizer
+from transformers.cache_utils import DynamicCache
+
+from mllm.depth_head import DepthHead
+from mllm.generation import DecodeState, decode_step
+from mllm.sampling import RowGenerators, cfg_mix
+from mllm.sequence import positions_from_mask
+
+ASK = [
+    {"role": "user", "content": "<image>\nwhat color is the square"},
+    {"role": "assistant", "content": "the answer is green"},
+]
+DRAW = [
+    {"role": "user", "content": "<image>\ndraw a purple square"},
+    {"role": "assistant", "content": "there are three shapes<image>"},
+]
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory):
+    return train_text_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="module")
+def micro(text_tokenizer):
+    return build_micro(text_tokenizer)
+
+
+def _batch(model, processor, padding_side="right"):
+    examples = [
+        processor.training_example(DRAW, [random_codes(model, 1), random_codes(model, 2)]),
+        processor.training_example(ASK, [random_codes(model, 3)]),
+    ]
+    return processor.collate(examples, padding_side=padding_side)
+
+
+@torch.no_grad()
+def test_cached_decoding_matches_full_forward_on_text_and_image_positions(micro):
+    model, processor = micro
+    batch = _batch(model, processor, padding_side="left")
+    full = model(**batch, logits_to_keep=0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds = model.embed_inputs(ids, batch["pixel_codes"], batch["semantic_codes"], batch["image_is_output"])
+    split = int((mask == 0).sum(1).max()) + 2  # every row has real tokens in the prefix
+    assert (ids[:, split:] == model.config.img_token_id).any() and (
+        ids[:, :split] == model.config.img_token_id
+    ).any()
+    position_ids = positions_from_mask(mask[:, :split])
+    prefix = model(
+        inputs_embeds=embeds[:, :split],
+        attention_mask=mask[:, :split],
+        position_ids=position_ids,
+        past_key_values=DynamicCache(config=model.language_model.config),
+        use_cache=True,
+    )
+    state = DecodeState(prefix.past_key_values, mask[:, :split], position_ids[:, -1] + 1)
+    states = [prefix.last_hidden_state[:, -1]]
+    for t in range(split, ids.shape[1]):
+        states.append(decode_step(model, state, embeds[:, t]))
+    cached = torch.stack(states, dim=1)  # hidden states at positions split-1 .. T-1
+    real = mask[:, split - 1 :].bool()
+    reference = full.last_hidden_state[:, split - 1 :]
+    assert torch.allclose(cached[real], reference[real], atol=1e-5)
+    cached_logits = model.text_logits(cached)
+    assert torch.allclose(cached_logits[real], full.logits[:, split - 1 :][real], atol=1e-4)
+
+    # Depth-head logits of the output image, from cached states vs the full forward with labels.
+    labelled = model(**batch)
+    cells = (ids == model.config.img_token_id).nonzero().view(-1, model.config.num_image_positions, 2)
+    out_cells = cells[batch["image_is_output"]].reshape(-1, 2)
+    prev = out_cells[:, 1] - (split - 1) - 1
+    targets = batch["pixel_codes"][batch["image_is_output"]].reshape(-1, model.config.rq_depth)
+    head = model.pixel_head(cached[out_cells[:, 0], prev], targets, model.pixel_code_embedding)
+    assert labelled.pixel_logits.shape == head.shape
+    assert torch.allclose(head, labelled.pixel_logits, atol=1e-4)
+
+
+def _random_head() -> DepthHead:
+    head = DepthHead(llm_hidden=16, code_dim=8, codebook_size=32, depth=4, width=16, layers=2, heads=2).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)
+    return head
+
+
+def test_depth_head_is_causal_over_depth():
+    torch.manual_seed(0)
+    head = _random_head()
+    table = torch.randn(32, 8)
+    hidden = torch.randn(5, 16)
+    codes = torch.randint(0, 32, (5, 4))
+    base = head(hidden, codes, table)
+    for d in range(4):
+        changed = codes.clone()
+        changed[:, d] = (changed[:, d] + 7) % 32
+        logits = head(hidden, changed, table)
+        assert torch.allclose(logits[:, : d + 1], base[:, : d + 1], atol=1e-6), f"depth <= {d} saw code {d}"
+        if d + 1 < 4:
+            assert not torch.allclose(logits[:, d + 1], base[:, d + 1]), f"depth {d + 1} ignores code {d}"
+
+
+def test_depth_head_sampling_follows_teacher_forced_logits_with_cfg():
+    torch.manual_seed(1)
+    head = _random_head()
+    table = torch.randn(32, 8)
+    cond, uncond = torch.randn(3, 16), torch.randn(3, 16)
+    codes = head.sample(torch.cat([cond, uncond]), table, cfg_scale=2.5, temperature=0.0)
+    with torch.no_grad():
+        guided = cfg_mix(torch.cat([head(cond, codes, table), head(uncond, codes, table)]), 2.5)
+    assert torch.equal(guided.argmax(-1), codes)
+
+
+def test_cfg_scale_one_equals_conditional_only_sampling():
+    torch.manual_seed(2)
+    head = _random_head()
+    table = torch.randn(32, 8)
+    cond, uncond = torch.randn(4, 16), 5 * torch.randn(4, 16)
+    kwargs = {"temperature": 1.0, "top_k": 20, "top_p": 0.9}
+    with_uncond = head.sample(
+        torch.cat([cond, uncond]), table, cfg_scale=1.0, generator=RowGenerators.from_seed(7, 4), **kwargs
+    )
+    alone = head.sample(cond, table, cfg_scale=None, generator=RowGenerators.from_seed(7, 4), **kwargs)
+    guided = head.sample(
+        torch.cat([cond, uncond]), table, cfg_scale=4.0, generator=RowGenerators.from_seed(7, 4), **kwargs
+    )
+    assert torch.equal(with_uncond, alone)
+    assert not torch.equal(guided, alone)
+
+
+def test_text_loss_covers_answer_tokens_only(micro):
+    model, processor = micro
+    batch = _batch(model, processor)
+    out = model(**batch, logits_to_keep=0)
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    manual = F.cross_entropy(out.logits[:, :-1][keep], targets[keep])
+    assert torch.allclose(out.loss_text, manual, atol=1e-5)
+
+    # Labels written on <img> positions are ignored (image cells are trained by the heads only).
+    noisy = labels.clone()
+    noisy[batch["input_ids"] == model.config.img_token_id] = 5
+    assert torch.equal(model(**{**batch, "labels": noisy}).loss_text, out.loss_text)
+
+    # Changing one answer label changes the loss.
+    answer_positions = (labels != -100).nonzero()
+    b, t = answer_positions[0].tolist()
+    changed = labels.clone()
+    changed[b, t] = (changed[b, t] + 1) % model.config.visual_token_offset
+    assert not torch.allclose(model(**{**batch, "labels": changed}).loss_text, out.loss_text)
+
+    # Prompt tokens carry no label, so swapping a prompt word for another leaves the label set unchanged.
+    other = [{"role": "user", "content": "<image>\nhow many shapes are there"}, ASK[1]]
+    ex_a = processor.training_example(ASK, [random_codes(model, 3)])
+    ex_b = processor.training_example(other, [random_codes(model, 3)])
+    answer_a = [label for label in ex_a.labels if label != -100]
+    answer_b = [label for label in ex_b.labels if label != -100]
+    assert answer_a == answer_b and ex_a.input_ids != ex_b.input_ids
+
+
+def test_visual_loss_covers_output_images_only(micro):
+    model, processor = micro
+    batch = _batch(model, processor)
+    cells = model.config.num_image_positions
+    out = model(**batch)
+    assert batch["image_is_output"].tolist() == [False, True, False]
+    assert out.pixel_logits.shape[0] == cells and out.semantic_logits.shape[0] == cells
+    target = batch["pixel_codes"][1].reshape(-1, model.config.rq_depth)
+    manual = F.cross_entropy(out.pixel_logits.flatten(0, 1), target.flatten())
+    assert torch.allclose(out.loss_pixel, manual, atol=1e-5)
+
+    # No output image: the visual terms are exact zeros.
+    understanding_only = {**batch, "image_is_output": torch.zeros(3, dtype=torch.bool)}
+    out_none = model(**understanding_only)
+    assert out_none.loss_pixel.item() == 0.0 and out_none.loss_semantic.item() == 0.0
+    assert torch.allclose(out_none.loss, out_none.loss_text)
+
+    # Marking the first (user) image as output adds its cells to the visual loss.
+    both = batch["image_is_output"].clone()
+    both[0] = True
+    assert model(**{**batch, "image_is_output": both}).pixel_logits.shape[0] == 2 * cells
+
+    # Loss terms are separate and sum to the total with unit weights.
+    assert torch.allclose(out.loss, out.loss_text + out.loss_pixel + out.loss_semantic)
+
+
+@pytest.mark.parametrize("mode", ["semantic", "semantic+pixel"])
+def test_understanding_token_modes(text_tokenizer, mode):
+    model, processor = build_micro(text_tokenizer, understanding_tokens=mode)
+    pixel, semantic = random_codes(model, 4)
+    other_pixel, _ = random_codes(model, 5)
+    conv = [{"role": "user", "content": "<image>\nwhat color is the square"}]
+    with torch.no_grad():
+        logits = [
+            model(
+                **processor.collate([processor.inference_prompt(conv, [(p, semantic)])]), logits_to_keep=1
+            ).logits
+            for p in (pixel, other_pixel)
+        ]
+    pixel_matters = not torch.allclose(logits[0], logits[1])
+    assert pixel_matters == (mode == "semantic+pixel")
+    assert (model.understanding_projector is None) == (mode == "semantic+pixel")
+
+
+def test_pixel_head_only_ablation(text_tokenizer):
+    model, processor = build_micro(text_tokenizer, use_semantic_head=False)
+    assert model.semantic_head is None
+    batch = _batch(model, processor)
+    out = model(**batch)
+    assert out.loss_semantic is None and out.semantic_logits is None
+    assert torch.allclose(out.loss, out.loss_text + out.loss_pixel)
+    embedding = model.output_cell_embedding(batch["pixel_codes"][1].reshape(-1, 4), None)
+    half = model.config.hidden_size // 2
+    assert torch.count_nonzero(embedding[:, half:]) == 0 and torch.count_nonzero(embedding[:, :half]) > 0
+
+
+def test_bad_inputs_raise_clear_errors(micro):
+    model, processor = micro
+    batch = _batch(model, processor)
+    with pytest.raises(ValueError, match="<img> positions"):
+        model(
+            **{
+                **batch,
+                "pixel_codes": batch["pixel_codes"][:2],
+                "semantic_codes": batch["semantic_codes"][:2],
+            }
+        )
+    bad = batch["pixel_codes"].clone()
+    bad[0, 0, 0, 0] = model.config.codebook_size
+    with pytest.raises(ValueError, match="must lie in"):
+        model(**{**batch, "pixel_codes": bad})
+    with pytest.raises(ValueError, match="set_code_embeddings"):
+        model.set_code_embeddings(torch.zeros(3, 3), torch.zeros(3, 3))
