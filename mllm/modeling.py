@@ -75,6 +75,9 @@ class DualTokenMLLM(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # No tied weights of its own; a dict (not None) lets peft find the wrapped LLM's lm_head <- embed_tokens
+    # tie below it, so LoRA's trainable token rows stay tied to the output embedding.
+    _tied_weights_keys: dict[str, str] = {}
     # The loss is a mean per term; the HF Trainer must scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
 
@@ -352,16 +355,20 @@ class DualTokenMLLM(PreTrainedModel):
             dtype=self.pixel_projector.fc1.weight.dtype,
         )
         outputs, inputs = image_is_output.nonzero().flatten(), (~image_is_output).nonzero().flatten()
-        if outputs.numel():
-            if pixel_codes is None:
-                raise ValueError("DualTokenMLLM: output images need pixel_codes")
+        # Both branches run whenever their codes are given, on empty selections too: every batch then calls the
+        # same modules in the same order, which ZeRO-2 gradient buckets and ZeRO-3 parameter gathering need to
+        # match across data-parallel ranks (a rank whose batch lacks output or input images would otherwise
+        # skip a projector).
+        if outputs.numel() and pixel_codes is None:
+            raise ValueError("DualTokenMLLM: output images need pixel_codes")
+        if inputs.numel() and semantic_codes is None:
+            raise ValueError("DualTokenMLLM: understanding images need semantic_codes")
+        if pixel_codes is not None and (semantic_codes is not None or self.semantic_head is None):
             out = out.index_put(
                 (outputs,),
                 self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs)),
             )
-        if inputs.numel():
-            if semantic_codes is None:
-                raise ValueError("DualTokenMLLM: understanding images need semantic_codes")
+        if semantic_codes is not None and (pixel_codes is not None or self.understanding_projector is not None):
             out = out.index_put(
                 (inputs,),
                 self.understanding_cell_embedding(flat(pixel_codes, inputs), flat(semantic_codes, inputs)),
@@ -387,7 +394,14 @@ class DualTokenMLLM(PreTrainedModel):
                 raise ValueError(
                     "DualTokenMLLM: image codes were given but input_ids hold no <img> positions"
                 )
-            return embeds
+            if not self.training:
+                return embeds
+            # Training on a batch without images: run the projectors on an empty grid so that this rank calls
+            # the same modules as ranks whose batches hold images (see `image_embeddings`).
+            grid, depth = self.config.grid_size, self.config.rq_depth
+            pixel_codes = semantic_codes = input_ids.new_zeros(0, grid, grid, depth)
+            image_is_output = torch.zeros(0, dtype=torch.bool, device=input_ids.device)
+            given = semantic_codes
         if given is None:
             raise ValueError(
                 f"DualTokenMLLM: input_ids hold {cells} <img> positions but no image codes were given"
