@@ -4,6 +4,8 @@ text-to-image, both over an HF `DynamicCache` with an explicit prefill / decode 
 - **Prefill** runs the left-padded prompt batch once (position ids from the cumulative attention mask) and
   returns the last hidden state of every row. **Decode** feeds one embedding per row per step: a text token's
   embedding, or an image cell's ``[MLP_pix ; MLP_sem]`` embedding built from the codes just sampled.
+  `GenerationSettings.use_cache=False` keeps no KV cache: every decode step runs the model over all inputs so
+  far (prompt + generated), which gives the same results and exists as the baseline of `bench/generate.py`.
 - **Randomness** is per row (`mllm.sampling.RowGenerators`): row r of a call with seed s uses stream s + r (in
   text-to-image, row ``i * n + j`` is image j of prompt i), so a row gives the same result alone or in a batch.
 - **Text-to-image** puts the unconditional rows (the chat-formatted unconditional caption, " ") in the same
@@ -52,6 +54,7 @@ class GenerationSettings:
     allow_image_output: bool = False
     max_images_per_reply: int = 1
     seed: int = 0
+    use_cache: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -78,17 +81,28 @@ class GenerationSettings:
     def tiny(cls, **overrides: Any) -> GenerationSettings:
         return cls(**{"cfg_scale": 3.0, "image_top_k": 64, "image_top_p": 0.96, **overrides})
 
+    @classmethod
+    def for_codebook(cls, codebook_size: int, **overrides: Any) -> GenerationSettings:
+        """`paper()` for a paper-sized codebook (>= 16,384 codes), `tiny()` for smaller ones."""
+        return cls.paper(**overrides) if codebook_size >= 16384 else cls.tiny(**overrides)
+
     def with_overrides(self, **overrides: Any) -> GenerationSettings:
         return replace(self, **overrides)
 
 
 @dataclass
 class DecodeState:
-    """KV cache plus, per row, the attention mask so far and the position id of the next input."""
+    """KV cache plus, per row, the attention mask so far and the position id of the next input.
 
-    cache: DynamicCache
+    Without a cache (`cache` None) it keeps every input embedding (B, T, H) and position id (B, T) instead, and
+    each decode step recomputes the whole sequence.
+    """
+
+    cache: DynamicCache | None
     attention_mask: torch.Tensor
     next_position: torch.Tensor
+    inputs_embeds: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -110,7 +124,8 @@ class ChatReply:
 @dataclass
 class ImageGenerationResult:
     """Images per prompt ([prompt][n] PIL, None without an image tokenizer) and the sampled code grids
-    (P, n, h, w, D); `timings` holds prefill/decode seconds and the decode step count."""
+    (P, n, h, w, D); `timings` holds prefill and decode seconds, the part of decode spent in the depth heads
+    (`heads_s`; host wall-clock, unsynchronised on CUDA) and the decode step count."""
 
     images: list[list[Any]] | None
     pixel_codes: torch.Tensor
@@ -145,22 +160,25 @@ def prefill(
     pixel_codes: torch.Tensor | None = None,
     semantic_codes: torch.Tensor | None = None,
     image_is_output: torch.Tensor | None = None,
+    use_cache: bool = True,
 ) -> tuple[torch.Tensor, DecodeState]:
     """Run a (left-padded) prompt batch; returns the last hidden state per row (B, H) and the decode state."""
-    cache = DynamicCache(config=model.language_model.config)
     position_ids = positions_from_mask(attention_mask)
+    embeds = model.embed_inputs(input_ids, pixel_codes, semantic_codes, image_is_output)
+    cache = DynamicCache(config=model.language_model.config) if use_cache else None
     out = model(
-        input_ids=input_ids,
+        inputs_embeds=embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        pixel_codes=pixel_codes,
-        semantic_codes=semantic_codes,
-        image_is_output=image_is_output,
         past_key_values=cache,
-        use_cache=True,
+        use_cache=use_cache,
         logits_to_keep=-1,
     )
-    state = DecodeState(out.past_key_values, attention_mask, position_ids[:, -1] + 1)
+    next_position = position_ids[:, -1] + 1
+    if use_cache:
+        state = DecodeState(out.past_key_values, attention_mask, next_position)
+    else:
+        state = DecodeState(None, attention_mask, next_position, embeds, position_ids)
     return out.last_hidden_state[:, -1], state
 
 
@@ -168,12 +186,18 @@ def decode_step(model: DualTokenMLLM, state: DecodeState, embeds: torch.Tensor) 
     """Feed one input embedding per row (B, H); returns the new last hidden state (B, H)."""
     ones = state.attention_mask.new_ones(state.attention_mask.shape[0], 1)
     state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
+    embeds = embeds.unsqueeze(1).to(model.get_input_embeddings().weight.dtype)
+    position_ids = state.next_position.unsqueeze(1)
+    if state.cache is None:  # no KV cache: run the model over every input so far
+        state.inputs_embeds = torch.cat([state.inputs_embeds, embeds], dim=1)
+        state.position_ids = torch.cat([state.position_ids, position_ids], dim=1)
+        embeds, position_ids = state.inputs_embeds, state.position_ids
     out = model(
-        inputs_embeds=embeds.unsqueeze(1).to(model.get_input_embeddings().weight.dtype),
+        inputs_embeds=embeds,
         attention_mask=state.attention_mask,
-        position_ids=state.next_position.unsqueeze(1),
+        position_ids=position_ids,
         past_key_values=state.cache,
-        use_cache=True,
+        use_cache=state.cache is not None,
         logits_to_keep=-1,
     )
     state.next_position = state.next_position + 1
@@ -232,14 +256,19 @@ def generate_images(
     cells = model.config.num_image_positions
     with _eval_mode(model):
         start = time.perf_counter()
-        hidden, state = prefill(model, input_ids.to(device), attention_mask.to(device))
+        hidden, state = prefill(
+            model, input_ids.to(device), attention_mask.to(device), use_cache=settings.use_cache
+        )
         prefill_seconds = time.perf_counter() - start
         pixel_cells, semantic_cells = [], []
         start = time.perf_counter()
+        heads_seconds = 0.0
         for cell in range(cells):
+            heads_start = time.perf_counter()
             pixel, semantic = sample_cell(
                 model, hidden, settings, generator, settings.cfg_scale if use_cfg else None
             )
+            heads_seconds += time.perf_counter() - heads_start
             pixel_cells.append(pixel)
             semantic_cells.append(semantic)
             if cell + 1 < cells:
@@ -257,7 +286,12 @@ def generate_images(
     if decode and processor.image_tokenizer is not None:
         flat = decode_codes(processor, pixel_codes.reshape(-1, *grid[2:]))
         images = [flat[i * n : (i + 1) * n] for i in range(len(captions))]
-    timings = {"prefill_s": prefill_seconds, "decode_s": decode_seconds, "decode_steps": float(cells)}
+    timings = {
+        "prefill_s": prefill_seconds,
+        "decode_s": decode_seconds,
+        "heads_s": heads_seconds,
+        "decode_steps": float(cells),
+    }
     return ImageGenerationResult(images, pixel_codes, semantic_codes, timings)
 
 
@@ -338,6 +372,7 @@ def generate_chat(
             _to(batch.get("pixel_codes"), device),
             _to(batch.get("semantic_codes"), device),
             _to(batch.get("image_is_output"), device),
+            use_cache=settings.use_cache,
         )
         step = 0
         while True:

@@ -186,7 +186,7 @@ class DualTokenProcessor:
         cls, directory: str | os.PathLike, load_image_tokenizer: bool = True
     ) -> DualTokenProcessor:
         """Load what `save_pretrained` wrote (the image tokenizer from its recorded path, relative or absolute)."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PretrainedConfig
 
         directory = Path(directory)
         config_path = directory / PROCESSOR_CONFIG_NAME
@@ -199,7 +199,9 @@ class DualTokenProcessor:
             raise ValueError(
                 f"DualTokenProcessor: {config_path} is not a valid processor config: {err}"
             ) from err
-        text_tokenizer = AutoTokenizer.from_pretrained(directory)
+        # The directory's config.json (when the model was saved beside) is not an AutoConfig type; hand the
+        # tokenizer loader an empty config so it goes by tokenizer_config.json alone.
+        text_tokenizer = AutoTokenizer.from_pretrained(directory, config=PretrainedConfig())
         image_tokenizer = None
         if load_image_tokenizer and settings.image_tokenizer_path:
             path = Path(settings.image_tokenizer_path)
@@ -246,7 +248,9 @@ class DualTokenProcessor:
             from tokenizer.image_processing import preprocess
 
             param = next(self.image_tokenizer.parameters())
-            pixels = preprocess([images[i] for i in pil_index]).to(device=param.device, dtype=param.dtype)
+            size = int(self.image_tokenizer.config.image_size)  # any input size is resized to the tokenizer's
+            pixels = preprocess([images[i] for i in pil_index], image_size=size)
+            pixels = pixels.to(device=param.device, dtype=param.dtype)
             encoded = self.image_tokenizer.encode(pixels)
             for row, i in enumerate(pil_index):
                 grids[i] = (encoded.pixel[row].cpu(), encoded.semantic[row].cpu())

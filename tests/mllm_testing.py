@@ -28,6 +28,10 @@ CORPUS = [
 
 MICRO = {"codebook_size": 64, "code_dim": 8, "rq_depth": 4, "grid_size": 3}
 
+# The micro models are far too small to gain from intra-op threads; on a shared 2-core machine a second thread
+# mostly waits at barriers (decoding loops ran 10-20x slower with 2 threads under load).
+torch.set_num_threads(1)
+
 
 def train_text_tokenizer(directory: Path):
     """Train a ~120-piece SentencePiece BPE model and load it as an HF tokenizer from `directory`."""
@@ -72,14 +76,19 @@ def micro_text_config(model_type: str = "qwen2", vocab_size: int = 130) -> dict:
     return config
 
 
-def build_micro(text_tokenizer, model_type: str = "qwen2", seed: int = 0, **overrides):
-    """A micro model (2 layers, width 64, K=64, 3x3 grid, depth 4) with random frozen codebooks + processor."""
+def build_micro(text_tokenizer, model_type: str = "qwen2", seed: int = 0, image_tokenizer=None, **overrides):
+    """A micro model (2 layers, width 64, K=64, 3x3 grid, depth 4) with random frozen codebooks + processor.
+
+    With `image_tokenizer` the code geometry and codebooks come from it (the tiny one: K=1024, 8x8, depth 4) and
+    the processor holds it, so PIL images are encoded and generated codes decoded."""
     torch.manual_seed(seed)
     fields = tiny_fields(depth_head_width=32, depth_head_heads=2, depth_head_layers=2, **MICRO)
     fields.pop("text_config")
     fields.update(overrides)
     text_config = micro_text_config(model_type, len(text_tokenizer) + 8)
-    model = DualTokenMLLM.from_llm(text_config, None, text_tokenizer, **fields)
+    model = DualTokenMLLM.from_llm(text_config, image_tokenizer, text_tokenizer, **fields)
+    if image_tokenizer is not None:
+        return model.eval(), DualTokenProcessor(text_tokenizer, image_tokenizer)
     generator = torch.Generator().manual_seed(seed)
     shape = (fields["codebook_size"], fields["code_dim"])
     model.set_code_embeddings(

@@ -8,7 +8,7 @@ import torch
 from mllm_testing import build_micro, random_codes, tiny_image_tokenizer, train_text_tokenizer
 from torch import nn
 
-from mllm.generation import GenerationSettings, generate_chat, generate_images
+from mllm.generation import GenerationSettings, decode_step, generate_chat, generate_images, prefill
 from mllm.sampling import RowGenerators, cfg_mix, filter_logits, sample_logits
 
 
@@ -119,6 +119,10 @@ def test_interleaved_chat_draws_an_image_when_the_model_opens_one(text_tokenizer
     assert config.boi_token_id not in ids[2 + cells :]  # one image per reply by default
     assert len(reply.codes) == 1 and reply.content.count("<image>") == 1
     assert len(ids) == 2 + cells + 3  # four text tokens in all: <boi> and three after the image
+    (recomputed,) = generate_chat(model, processor, [conv], settings=settings.with_overrides(use_cache=False))
+    assert recomputed.token_ids == ids and all(
+        torch.equal(a, b) for a, b in zip(recomputed.codes[0], reply.codes[0])
+    )
 
     # The cached interleaved decode agrees with a teacher-forced pass over the same sequence.
     prompt = processor.inference_prompt(conv).input_ids
@@ -140,6 +144,39 @@ def test_interleaved_chat_draws_an_image_when_the_model_opens_one(text_tokenizer
     for banned in (config.img_token_id, config.image_token_id, config.eoi_token_id, config.boi_token_id):
         logits[banned] = float("-inf")
     assert logits.argmax().item() == ids[2 + cells]
+
+
+def test_decoding_without_the_kv_cache_gives_the_same_results(micro):
+    model, processor = micro
+    convs, images = _conversations(model)
+    settings = GenerationSettings(max_new_tokens=6, temperature=1.0, top_k=50, seed=4)
+    cached = generate_chat(model, processor, convs, images, settings)
+    recomputed = generate_chat(model, processor, convs, images, settings.with_overrides(use_cache=False))
+    assert [r.token_ids for r in cached] == [r.token_ids for r in recomputed]
+    # No top-p here: float noise between the two modes may move a token across a nucleus cut-off.
+    t2i = GenerationSettings.tiny(images_per_prompt=2, image_top_k=20, image_top_p=1.0, seed=2)
+    cached = generate_images(model, processor, ["a red circle", "two"], t2i)
+    recomputed = generate_images(
+        model, processor, ["a red circle", "two"], t2i.with_overrides(use_cache=False)
+    )
+    assert torch.equal(cached.pixel_codes, recomputed.pixel_codes)
+    assert torch.equal(cached.semantic_codes, recomputed.semantic_codes)
+
+    # Without a cache every step runs over the whole sequence so far, and matches the cached step.
+    batch = processor.collate([processor.inference_prompt(convs[1])], padding_side="left")
+    length = batch["input_ids"].shape[1]
+    embeds = torch.randn(3, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, state = prefill(model, batch["input_ids"], batch["attention_mask"], use_cache=False)
+        _, cached_state = prefill(model, batch["input_ids"], batch["attention_mask"])
+        assert state.cache is None and cached_state.cache is not None
+        for step in range(3):
+            recomputed_hidden = decode_step(model, state, embeds[step])
+            assert state.inputs_embeds.shape[1] == length + step + 1
+            assert torch.allclose(
+                recomputed_hidden, decode_step(model, cached_state, embeds[step]), atol=1e-5
+            )
+    assert state.position_ids[0, -1].item() == length + 2
 
 
 def test_stop_strings_and_token_budget(micro):

@@ -78,8 +78,9 @@ def test_missing_llm_directory_is_a_clear_error(tmp_path, text_tokenizer):
         DualTokenMLLM.from_llm(tmp_path / "nowhere", None, text_tokenizer)
 
 
-def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, text_tokenizer):
-    model, processor = build_micro(text_tokenizer, seed=4)
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, text_tokenizer, model_type):
+    model, processor = build_micro(text_tokenizer, model_type=model_type, seed=4)
     image_tokenizer = tiny_image_tokenizer()
     if image_tokenizer is not None:
         processor.image_tokenizer = image_tokenizer
@@ -98,7 +99,7 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, text_tokeniz
     assert not any(name.endswith((".bin", ".pt")) for name in files)
     saved_config = json.loads((target / "config.json").read_text())
     assert saved_config["model_type"] == "dualtoken_mllm"
-    assert saved_config["text_config"]["model_type"] == "qwen2"
+    assert saved_config["text_config"]["model_type"] == model_type
 
     loaded = DualTokenMLLM.from_pretrained(target).eval()
     loaded_processor = DualTokenProcessor.from_pretrained(
