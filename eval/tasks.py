@@ -1,0 +1,368 @@
+"""Model-driven evaluation tasks: VQA, captioning, multi-turn chat and text-to-image, each resumable.
+
+Every task runs the unified model in batches over a dataset in a standard format, appends one JSON line per
+sample to a per-sample output file (so an interrupted run continues where it stopped and a finished sample is
+never recomputed), then scores the whole file with the metric modules (`eval.vqa_accuracy`,
+`eval.caption_metrics`, `eval.t2i_scoring`) and writes `<task>_metrics.json` atomically.
+
+Images are resolved as ``image_root / image_pattern.format(image_id=...)``; the default pattern is the
+shapes-world layout (``{image_id:07d}.png``), COCO uses ``COCO_val2014_{image_id:012d}.jpg``. Held-out attribute
+combinations are scored separately when the caller passes the held-out image ids (shapes world: `scenes.jsonl`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_recipes.image_io import load_image
+from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
+
+SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
+
+
+@dataclass
+class EvalSettings:
+    """What every model-driven task shares."""
+
+    batch_size: int = 16
+    limit: int | None = None
+    max_new_tokens: int = 48
+    seed: int = 0
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------ per-sample files
+class SampleLog:
+    """An append-only JSONL of per-sample outputs keyed by `key`; a torn last line (killed mid-write) is dropped."""
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path = Path(path)
+        self.key = key
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    if number == len(lines):
+                        break  # the last write was interrupted; the sample is simply redone
+                    raise ValueError(f"{self.path}:{number}: not valid JSON ({err})") from err
+                self.rows[str(row[key])] = row
+            self._rewrite()  # drop a torn tail so later appends start on a clean line
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return str(sample_id) in self.rows
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+                self.rows[str(row[self.key])] = row
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], int]) -> Iterable[list[Any]]:
+    """Batches of at most `size` items whose `index` values are consecutive."""
+    batch: list[Any] = []
+    for item in items:
+        if batch and (len(batch) == size or index(item) != index(batch[-1]) + 1):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def _pending(items: Sequence[Any], log: SampleLog, key: Callable[[Any], Any], limit: int | None) -> list[Any]:
+    chosen = list(items[:limit] if limit else items)
+    return [item for item in chosen if key(item) not in log]
+
+
+def heldout_image_ids(scenes_jsonl: str | os.PathLike) -> set[int]:
+    """Image ids flagged `"heldout": true` in a shapes-world `scenes.jsonl`."""
+    ids = set()
+    with open(scenes_jsonl, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                if row.get("heldout"):
+                    ids.add(int(row["image_id"]))
+    return ids
+
+
+def _chat_settings(settings: EvalSettings, **overrides: Any):
+    from mllm.generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=settings.max_new_tokens, seed=settings.seed, **overrides)
+
+
+def _progress(total: int, desc: str, settings: EvalSettings):
+    return tqdm(total=total, desc=desc, unit="sample", disable=not settings.progress)
+
+
+# ------------------------------------------------------------------------------------------ VQA
+def run_vqa(
+    model,
+    processor,
+    questions_json: str | os.PathLike,
+    annotations_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
+    image_pattern: str = SHAPES_IMAGE_PATTERN,
+    heldout_images: set[int] | None = None,
+) -> dict[str, Any]:
+    """Answer every VQAv2 question (short-answer prompt, greedy) and score with the official VQA accuracy."""
+    from eval.vqa_accuracy import evaluate_vqa
+    from mllm.generation import generate_chat
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    questions = json.loads(Path(questions_json).read_text(encoding="utf-8"))["questions"]
+    log = SampleLog(out_dir / "vqa_predictions.jsonl", "question_id")
+    todo = _pending(questions, log, lambda q: q["question_id"], settings.limit)
+    bar = _progress(len(todo), "vqa", settings)
+    for batch in _batches(todo, settings.batch_size):
+        images = [
+            [load_image(Path(image_root) / image_pattern.format(image_id=q["image_id"]))] for q in batch
+        ]
+        conversations = [
+            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in batch
+        ]
+        replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
+        log.extend(
+            {
+                "question_id": q["question_id"],
+                "image_id": q["image_id"],
+                "question": q["question"],
+                "answer": r.text,
+            }
+            for q, r in zip(batch, replies)
+        )
+        bar.update(len(batch))
+    bar.close()
+    predictions = {row["question_id"]: row["answer"] for row in log.rows.values()}
+    metrics = {"all": _vqa_summary(evaluate_vqa(predictions, questions_json, annotations_json, subset=True))}
+    if heldout_images is not None:
+        image_of = {row["question_id"]: int(row["image_id"]) for row in log.rows.values()}
+        for name, keep in (("heldout", True), ("seen", False)):
+            part = {q: a for q, a in predictions.items() if (image_of[q] in heldout_images) == keep}
+            metrics[name] = (
+                _vqa_summary(evaluate_vqa(part, questions_json, annotations_json, subset=True))
+                if part
+                else None
+            )
+    write_json_atomic(out_dir / "vqa_metrics.json", metrics)
+    return metrics
+
+
+def _vqa_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in ("overall", "per_question_type", "per_answer_type", "num_questions")}
+
+
+# ------------------------------------------------------------------------------------------ captions
+def run_captions(
+    model,
+    processor,
+    captions_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
+    image_pattern: str = SHAPES_IMAGE_PATTERN,
+    request: str = "Describe the shapes in this image and where they are.",
+) -> dict[str, Any]:
+    """Caption every image of a COCO-captions file (greedy) and score CIDEr-D and BLEU-1..4."""
+    from eval.caption_metrics import evaluate_captions
+    from mllm.generation import generate_chat
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    coco = json.loads(Path(captions_json).read_text(encoding="utf-8"))
+    image_ids = [image["id"] for image in coco["images"]]
+    log = SampleLog(out_dir / "caption_predictions.jsonl", "image_id")
+    todo = _pending(image_ids, log, lambda i: i, settings.limit)
+    bar = _progress(len(todo), "captions", settings)
+    for batch in _batches(todo, settings.batch_size):
+        images = [[load_image(Path(image_root) / image_pattern.format(image_id=i))] for i in batch]
+        conversations = [[{"role": "user", "content": "<image>\n" + request}] for _ in batch]
+        replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
+        log.extend({"image_id": i, "caption": r.text} for i, r in zip(batch, replies))
+        bar.update(len(batch))
+    bar.close()
+    predictions = {row["image_id"]: row["caption"] for row in log.rows.values()}
+    result = evaluate_captions(predictions, coco, subset=True)
+    metrics = {k: v for k, v in result.items() if k != "per_image"}
+    write_json_atomic(out_dir / "caption_metrics.json", metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ chat
+def _normalize_sentence(text: str) -> str:
+    return " ".join(text.lower().replace(".", " ").replace(",", " ").replace("?", " ").split())
+
+
+def run_chat(
+    model,
+    processor,
+    llava_json: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
+    id_suffix: str = "-chat",
+) -> dict[str, Any]:
+    """Multi-turn consistency: for each held-out conversation and each assistant turn, give the model the true
+    history and score its reply (normalized exact match; shapes-world replies are deterministic sentences).
+    Reports accuracy per turn index and overall. `image_root` is the directory the LLaVA `image` paths are
+    relative to."""
+    from mllm.generation import generate_chat
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    records = [
+        r for r in json.loads(Path(llava_json).read_text(encoding="utf-8")) if r["id"].endswith(id_suffix)
+    ]
+    turns = []
+    for record in records:
+        messages = [
+            {"role": "user" if m["from"] == "human" else "assistant", "content": m["value"]}
+            for m in record["conversations"]
+        ]
+        for turn, index in enumerate(range(1, len(messages), 2)):
+            turns.append(
+                {
+                    "sample_id": f"{record['id']}/{turn}",
+                    "turn": turn,
+                    "image": record["image"],
+                    "history": messages[:index],
+                    "reference": messages[index]["content"],
+                }
+            )
+    log = SampleLog(out_dir / "chat_predictions.jsonl", "sample_id")
+    todo = _pending(turns, log, lambda t: t["sample_id"], settings.limit)
+    bar = _progress(len(todo), "chat", settings)
+    for batch in _batches(todo, settings.batch_size):
+        images = [[load_image(Path(image_root) / t["image"])] for t in batch]
+        replies = generate_chat(
+            model, processor, [t["history"] for t in batch], images, _chat_settings(settings)
+        )
+        log.extend(
+            {
+                "sample_id": t["sample_id"],
+                "turn": t["turn"],
+                "question": t["history"][-1]["content"],
+                "reference": t["reference"],
+                "reply": r.text,
+                "correct": _normalize_sentence(r.text) == _normalize_sentence(t["reference"]),
+            }
+            for t, r in zip(batch, replies)
+        )
+        bar.update(len(batch))
+    bar.close()
+    per_turn: dict[int, list[bool]] = {}
+    for row in log.rows.values():
+        per_turn.setdefault(int(row["turn"]), []).append(bool(row["correct"]))
+    flat = [c for values in per_turn.values() for c in values]
+    metrics = {
+        "overall": 100.0 * sum(flat) / max(len(flat), 1),
+        "per_turn": {str(t + 1): 100.0 * sum(v) / len(v) for t, v in sorted(per_turn.items())},
+        "num_turns": len(flat),
+    }
+    write_json_atomic(out_dir / "chat_metrics.json", metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ text-to-image
+def run_t2i(
+    model,
+    processor,
+    prompts_jsonl: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: EvalSettings | None = None,
+    images_per_prompt: int = 1,
+    generation_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Draw `images_per_prompt` images per prompt spec, save them as PNGs and verify each with the scene parser
+    (GenEval-style accuracy per tag, overall, seen vs held-out)."""
+    from eval.t2i_scoring import load_prompt_specs, score_t2i
+    from mllm.generation import GenerationSettings, generate_images
+
+    settings = settings or EvalSettings()
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "t2i_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    specs = load_prompt_specs(prompts_jsonl)
+    log = SampleLog(out_dir / "t2i_samples.jsonl", "prompt_id")
+    todo = _pending(specs, log, lambda s: s["prompt_id"], settings.limit)
+    overrides = {
+        "seed": settings.seed,
+        "images_per_prompt": images_per_prompt,
+        **(generation_overrides or {}),
+    }
+    generation = GenerationSettings.for_codebook(model.config.codebook_size, **overrides)
+    batch_size = max(1, settings.batch_size // images_per_prompt)
+    bar = _progress(len(todo), "t2i", settings)
+    position = {str(s["prompt_id"]): i for i, s in enumerate(specs)}
+    for batch in _contiguous_batches(todo, batch_size, lambda s: position[str(s["prompt_id"])]):
+        # Row r of a call with seed s samples from stream s + r; starting each call at its first prompt's global
+        # row keeps every image identical whatever the batch size or the point a resumed run starts from.
+        first_row = position[str(batch[0]["prompt_id"])] * images_per_prompt
+        result = generate_images(
+            model,
+            processor,
+            [s["prompt"] for s in batch],
+            generation.with_overrides(seed=settings.seed + first_row),
+        )
+        rows = []
+        for spec, images in zip(batch, result.images):
+            files = []
+            for j, image in enumerate(images):
+                path = image_dir / f"{spec['prompt_id']}_{j}.png"
+                tmp = path.with_name(f".{path.name}.tmp")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, path)
+                files.append(path.name)
+            rows.append({"prompt_id": spec["prompt_id"], "files": files})
+        log.extend(rows)
+        bar.update(len(batch))
+    bar.close()
+    by_id = {str(s["prompt_id"]): s for s in specs}
+    paired_specs, paired_images = [], []
+    for row in log.rows.values():
+        for name in row["files"]:
+            paired_specs.append(by_id[str(row["prompt_id"])])
+            paired_images.append(load_image(image_dir / name))
+    scored = score_t2i(paired_specs, paired_images, show_progress=settings.progress)
+    log_verdicts = out_dir / "t2i_verdicts.jsonl"
+    write_json_atomic(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
+    tmp = log_verdicts.with_name(f".{log_verdicts.name}.tmp")
+    tmp.write_text("".join(json.dumps(v) + "\n" for v in scored["per_sample"]), encoding="utf-8")
+    os.replace(tmp, log_verdicts)
+    return {k: v for k, v in scored.items() if k != "per_sample"}

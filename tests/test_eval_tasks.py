@@ -1,0 +1,209 @@
+"""Model-driven evaluation tasks (eval/tasks.py) on a micro model and a small shapes-world test split: per-sample
+files, metrics that agree with the metric modules, resume without recomputation, torn-line recovery."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from mllm_testing import build_micro, tiny_image_tokenizer, train_text_tokenizer
+from PIL import Image
+
+from data_recipes.shapes_dataset import write_shapes_dataset
+from eval import tasks
+from eval.tasks import EvalSettings, SampleLog, heldout_image_ids
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_tasks")
+    data = root / "data"
+    write_shapes_dataset(data, n=400, size=64, seed=3, verbose=False)
+    text_tokenizer = train_text_tokenizer(root / "text_tokenizer")
+    image_tokenizer = tiny_image_tokenizer()
+    model, processor = build_micro(text_tokenizer, image_tokenizer=image_tokenizer)
+    return data, model, processor
+
+
+class CountingGenerate:
+    """Wraps generate_chat to count the conversations it was asked to answer."""
+
+    def __init__(self, monkeypatch):
+        import mllm.generation as generation
+
+        self.calls = 0
+        original = generation.generate_chat
+
+        def counted(model, processor, conversations, *args, **kwargs):
+            self.calls += len(conversations)
+            return original(model, processor, conversations, *args, **kwargs)
+
+        monkeypatch.setattr(generation, "generate_chat", counted)
+
+
+def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, monkeypatch):
+    data, model, processor = setup
+    split = data / "test"
+    settings = EvalSettings(batch_size=4, limit=6, max_new_tokens=3, progress=False)
+    counter = CountingGenerate(monkeypatch)
+    heldout = heldout_image_ids(split / "scenes.jsonl")
+    metrics = tasks.run_vqa(
+        model,
+        processor,
+        split / "vqa_questions.json",
+        split / "vqa_annotations.json",
+        split / "images",
+        tmp_path,
+        settings,
+        heldout_images=heldout,
+    )
+    assert counter.calls == 6
+    rows = [json.loads(line) for line in (tmp_path / "vqa_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and len({r["question_id"] for r in rows}) == 6
+    # The metric is the official one applied to the logged answers: recompute it independently.
+    from eval.vqa_accuracy import evaluate_vqa
+
+    expected = evaluate_vqa(
+        {r["question_id"]: r["answer"] for r in rows},
+        split / "vqa_questions.json",
+        split / "vqa_annotations.json",
+        subset=True,
+    )
+    assert metrics["all"]["overall"] == pytest.approx(expected["overall"])
+    assert metrics["all"]["num_questions"] == 6
+    held = [r for r in rows if r["image_id"] in heldout]
+    assert (metrics["heldout"] is None) == (not held)
+    assert json.loads((tmp_path / "vqa_metrics.json").read_text())["all"]["num_questions"] == 6
+
+    # A second run with a larger limit answers only the new questions.
+    settings.limit = 8
+    tasks.run_vqa(
+        model,
+        processor,
+        split / "vqa_questions.json",
+        split / "vqa_annotations.json",
+        split / "images",
+        tmp_path,
+        settings,
+    )
+    assert counter.calls == 8
+
+
+def test_captions_and_chat_score_logged_outputs(setup, tmp_path):
+    data, model, processor = setup
+    split = data / "test"
+    settings = EvalSettings(batch_size=4, limit=4, max_new_tokens=4, progress=False)
+    caption_metrics = tasks.run_captions(
+        model, processor, split / "captions.json", split / "images", tmp_path, settings
+    )
+    assert caption_metrics["num_images"] == 4 and caption_metrics["CIDEr-D"] >= 0.0
+    chat_metrics = tasks.run_chat(model, processor, split / "llava.json", split, tmp_path, settings)
+    rows = [json.loads(line) for line in (tmp_path / "chat_predictions.jsonl").read_text().splitlines()]
+    assert chat_metrics["num_turns"] == len(rows) == 4
+    assert chat_metrics["overall"] == pytest.approx(100.0 * sum(r["correct"] for r in rows) / len(rows))
+    # Turn indices come from the conversations' structure: the first sample is turn 1 of its chat.
+    assert rows[0]["turn"] == 0 and rows[0]["sample_id"].endswith("/0")
+
+
+def test_chat_scoring_accepts_the_reference_reply(setup, tmp_path, monkeypatch):
+    """A model that repeats the reference sentence scores 100%; one that says something else scores 0%."""
+    data, model, processor = setup
+    split = data / "test"
+    import mllm.generation as generation
+    from mllm.generation import ChatReply
+
+    def oracle(model, processor, conversations, images, settings):
+        records = {r["id"]: r for r in json.loads((split / "llava.json").read_text())}
+        replies = []
+        for conversation in conversations:
+            for record in records.values():
+                values = [m["value"] for m in record["conversations"]]
+                n = len(conversation)
+                if record["id"].endswith("-chat") and values[:n] == [m["content"] for m in conversation]:
+                    replies.append(ChatReply(values[n].upper(), values[n], []))
+                    break
+        return replies
+
+    monkeypatch.setattr(generation, "generate_chat", oracle)
+    settings = EvalSettings(batch_size=3, limit=5, progress=False)
+    assert (
+        tasks.run_chat(model, processor, split / "llava.json", split, tmp_path / "a", settings)["overall"]
+        == 100.0
+    )
+    monkeypatch.setattr(
+        generation, "generate_chat", lambda m, p, c, i, s: [ChatReply("a purple moon.", "", []) for _ in c]
+    )
+    assert (
+        tasks.run_chat(model, processor, split / "llava.json", split, tmp_path / "b", settings)["overall"]
+        == 0.0
+    )
+
+
+# Without a nucleus cut-off, float noise from left padding cannot flip a sampled code across the top-p boundary.
+EXACT = {"image_top_p": 1.0, "image_top_k": 0}
+
+
+def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path):
+    data, model, processor = setup
+    prompts = data / "test" / "prompts.jsonl"
+    one = tasks.run_t2i(
+        model,
+        processor,
+        prompts,
+        tmp_path / "one",
+        EvalSettings(batch_size=1, limit=3, progress=False),
+        generation_overrides=EXACT,
+    )
+    # Batched run, interrupted after two prompts and resumed.
+    tasks.run_t2i(
+        model,
+        processor,
+        prompts,
+        tmp_path / "many",
+        EvalSettings(batch_size=2, limit=2, progress=False),
+        generation_overrides=EXACT,
+    )
+    tasks.run_t2i(
+        model,
+        processor,
+        prompts,
+        tmp_path / "many",
+        EvalSettings(batch_size=2, limit=3, progress=False),
+        generation_overrides=EXACT,
+    )
+    files = sorted(p.name for p in (tmp_path / "one" / "t2i_images").glob("*.png"))
+    assert len(files) == 3
+    for name in files:
+        # Same codes; the decoder's float result may differ by one 8-bit level between batch shapes.
+        a = np.asarray(Image.open(tmp_path / "one" / "t2i_images" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "many" / "t2i_images" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    assert one["all"] is not None
+    verdicts = [
+        json.loads(line) for line in (tmp_path / "one" / "t2i_verdicts.jsonl").read_text().splitlines()
+    ]
+    assert len(verdicts) == 3 and all(isinstance(v["satisfied"], bool) for v in verdicts)
+
+
+def test_sample_log_drops_a_torn_last_line_and_rejects_corruption_elsewhere(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"id": 1, "x": 2}\n{"id": 2, "x"')
+    log = SampleLog(path, "id")
+    assert 1 in log and 2 not in log
+    log.extend([{"id": 2, "x": 5}])
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, 2]
+    path.write_text('{"id": 1\n{"id": 2}\n')
+    with pytest.raises(ValueError, match="log.jsonl:1"):
+        SampleLog(path, "id")
+
+
+def test_generation_is_deterministic_for_the_micro_model(setup):
+    """Guards the premise of the resume tests: two greedy runs over the same batch agree."""
+    _, model, processor = setup
+    from mllm.generation import GenerationSettings, generate_images
+
+    a = generate_images(model, processor, ["a red circle"], GenerationSettings.tiny(seed=4), decode=False)
+    b = generate_images(model, processor, ["a red circle"], GenerationSettings.tiny(seed=4), decode=False)
+    assert torch.equal(a.pixel_codes, b.pixel_codes)
