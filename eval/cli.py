@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from eval.demo import STAGES, DemoSettings, run_demo
@@ -13,7 +14,136 @@ def _demo(args) -> int:
     return 0
 
 
+def _load(args):
+    from mllm.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.model, device=args.device)
+
+
+def _settings(args):
+    from eval.tasks import EvalSettings
+
+    return EvalSettings(
+        batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+
+
+def _print_metrics(metrics: dict) -> int:
+    print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _eval_vqa(args) -> int:
+    from eval.tasks import heldout_image_ids, run_vqa
+
+    heldout = heldout_image_ids(args.scenes) if args.scenes else None
+    model, processor = _load(args)
+    return _print_metrics(
+        run_vqa(
+            model,
+            processor,
+            args.questions,
+            args.annotations,
+            args.image_root,
+            args.out,
+            _settings(args),
+            image_pattern=args.image_pattern,
+            heldout_images=heldout,
+        )
+    )
+
+
+def _eval_caption(args) -> int:
+    from eval.tasks import run_captions
+
+    model, processor = _load(args)
+    return _print_metrics(
+        run_captions(
+            model,
+            processor,
+            args.captions,
+            args.image_root,
+            args.out,
+            _settings(args),
+            image_pattern=args.image_pattern,
+        )
+    )
+
+
+def _eval_chat(args) -> int:
+    from eval.tasks import run_chat
+
+    model, processor = _load(args)
+    return _print_metrics(
+        run_chat(model, processor, args.conversations, args.image_root, args.out, _settings(args))
+    )
+
+
+def _eval_t2i(args) -> int:
+    from eval.tasks import run_t2i
+
+    model, processor = _load(args)
+    overrides = {"cfg_scale": args.cfg} if args.cfg is not None else None
+    return _print_metrics(
+        run_t2i(
+            model, processor, args.prompts, args.out, _settings(args), args.n, generation_overrides=overrides
+        )
+    )
+
+
+def _common(parser, batch_size: int = 16) -> None:
+    parser.add_argument("--model", required=True, help="a saved DualTokenMLLM directory")
+    parser.add_argument("--out", required=True, help="output directory (per-sample JSONL + metrics JSON)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+def register_eval(subparsers) -> None:
+    from eval.tasks import SHAPES_IMAGE_PATTERN
+
+    group = subparsers.add_parser("eval", help="evaluate a model: vqa, caption, chat, t2i")
+    sub = group.add_subparsers(dest="eval_command", metavar="TASK", required=True)
+    pattern_help = f"image file name from its id (default {SHAPES_IMAGE_PATTERN}; COCO: COCO_val2014_{{image_id:012d}}.jpg)"
+
+    vqa = sub.add_parser("vqa", help="VQAv2 accuracy (official normalization and 10-annotator soft score)")
+    _common(vqa)
+    vqa.add_argument("--questions", required=True, help="VQAv2 questions JSON")
+    vqa.add_argument("--annotations", required=True, help="VQAv2 annotations JSON")
+    vqa.add_argument("--image-root", required=True)
+    vqa.add_argument("--image-pattern", default=SHAPES_IMAGE_PATTERN, help=pattern_help)
+    vqa.add_argument("--scenes", help="shapes-world scenes.jsonl: report held-out combinations separately")
+    vqa.set_defaults(func=_eval_vqa)
+
+    caption = sub.add_parser("caption", help="CIDEr-D and BLEU-4 on a COCO-captions file (pure Python)")
+    _common(caption)
+    caption.add_argument("--captions", required=True, help="COCO captions JSON")
+    caption.add_argument("--image-root", required=True)
+    caption.add_argument("--image-pattern", default=SHAPES_IMAGE_PATTERN, help=pattern_help)
+    caption.set_defaults(func=_eval_caption)
+
+    chat = sub.add_parser("chat", help="multi-turn answer accuracy per turn on LLaVA conversations")
+    _common(chat)
+    chat.add_argument("--conversations", required=True, help="LLaVA JSON (records whose id ends with -chat)")
+    chat.add_argument(
+        "--image-root", required=True, help="directory the conversations' image paths are relative to"
+    )
+    chat.set_defaults(func=_eval_chat)
+
+    t2i = sub.add_parser(
+        "t2i", help="text-to-image accuracy per GenEval-style category (shapes-world parser)"
+    )
+    _common(t2i, batch_size=8)
+    t2i.add_argument("--prompts", required=True, help="prompts JSONL (prompt_id, prompt, tag, heldout, spec)")
+    t2i.add_argument("--n", type=int, default=1, help="images per prompt")
+    t2i.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 3.0)")
+    t2i.set_defaults(func=_eval_t2i)
+
+
 def register(subparsers) -> None:
+    register_eval(subparsers)
     demo = subparsers.add_parser("demo", help="run the whole chain on the shapes world and write a report")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--scenes", type=int, default=DemoSettings.scenes, help="shapes-world scenes to render")

@@ -207,3 +207,54 @@ def test_generation_is_deterministic_for_the_micro_model(setup):
     a = generate_images(model, processor, ["a red circle"], GenerationSettings.tiny(seed=4), decode=False)
     b = generate_images(model, processor, ["a red circle"], GenerationSettings.tiny(seed=4), decode=False)
     assert torch.equal(a.pixel_codes, b.pixel_codes)
+
+
+def test_eval_cli_runs_a_saved_model_and_writes_metrics(setup, tmp_path, capsys):
+    from mllm.console import main
+
+    data, model, processor = setup
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir, processor=processor)
+    split = data / "test"
+    common = ["--model", str(model_dir), "--limit", "3", "--batch-size", "3", "--max-new-tokens", "2"]
+    assert (
+        main(
+            [
+                "eval",
+                "vqa",
+                *common,
+                "--out",
+                str(tmp_path / "vqa"),
+                "--questions",
+                str(split / "vqa_questions.json"),
+                "--annotations",
+                str(split / "vqa_annotations.json"),
+                "--image-root",
+                str(split / "images"),
+                "--scenes",
+                str(split / "scenes.jsonl"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    printed = json.loads(out)
+    assert printed["all"]["num_questions"] == 3
+    assert json.loads((tmp_path / "vqa" / "vqa_metrics.json").read_text()) == printed
+    assert (
+        main(
+            [
+                "eval",
+                "t2i",
+                *common,
+                "--out",
+                str(tmp_path / "t2i"),
+                "--prompts",
+                str(split / "prompts.jsonl"),
+                "--n",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "t2i" / "t2i_images").glob("*.png"))) == 6

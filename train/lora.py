@@ -16,11 +16,13 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from typing import TYPE_CHECKING
 
 from mllm.processor import PROCESSOR_CONFIG_NAME, DualTokenProcessor
 from mllm.sequence import BOI, EOI, TURN_END, TURN_START
+
+if TYPE_CHECKING:  # peft is imported where used, so `dualtoken --help` stays fast
+    from peft import LoraConfig, PeftModel
 
 VISUAL_MODULES = (
     "pixel_projector",
@@ -43,6 +45,8 @@ def lora_config(
     train_special_tokens: bool = True,
 ) -> LoraConfig:
     """The LoraConfig of a DualTokenMLLM (see the module docstring)."""
+    from peft import LoraConfig
+
     if not target_modules:
         raise ValueError("LoRA needs at least one target module name (e.g. q_proj)")
     names = "|".join(re.escape(name) for name in target_modules)
@@ -64,6 +68,8 @@ def apply_lora(model, processor: DualTokenProcessor, **kwargs) -> PeftModel:
     if not getattr(model, "name_or_path", ""):
         raise ValueError("LoRA training starts from a saved DualTokenMLLM directory (set model_name_or_path)")
     _expose_tied_embeddings(model)
+    from peft import get_peft_model
+
     return get_peft_model(model, lora_config(model, processor, **kwargs))
 
 
@@ -77,6 +83,8 @@ def _expose_tied_embeddings(model) -> None:
 
 def load_lora(adapter_dir: str | os.PathLike, base: str | None = None) -> PeftModel:
     """The base DualTokenMLLM (the directory the adapter records, or `base`) with the adapter applied."""
+    from peft import PeftConfig, PeftModel
+
     from mllm.modeling import DualTokenMLLM
 
     adapter_dir = Path(adapter_dir)
