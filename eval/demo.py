@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,11 +18,22 @@ from pathlib import Path
 
 @dataclass
 class DemoSettings:
-    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores."""
+    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores in about half an hour."""
 
     scenes: int = 12000
     image_size: int = 64
     seed: int = 0
+    teacher_steps: int = 1200
+    tokenizer_steps: int | None = None  # None: the tokenizer trainer's own default
+    text_vocab_size: int = 1024
+    stage1_steps: int = 150
+    stage2_steps: int = 700
+    batch_size: int = 16
+    eval_vqa: int = 400
+    eval_captions: int = 100
+    eval_chat: int = 150
+    eval_t2i: int = 120
+    threads: int = 2
 
 
 @dataclass
@@ -34,6 +46,9 @@ class DemoContext:
     def data_dir(self) -> Path:
         return self.out / "data"
 
+    def path(self, name: str) -> Path:
+        return self.out / name
+
 
 @dataclass
 class Stage:
@@ -45,8 +60,15 @@ class Stage:
 def _write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def _fresh(path: Path) -> Path:
+    """A stage that reruns starts from an empty output directory."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
 
 
 def stage_data(ctx: DemoContext) -> dict:
@@ -55,7 +77,11 @@ def stage_data(ctx: DemoContext) -> dict:
     s = ctx.settings
     write_shapes_dataset(ctx.data_dir, n=s.scenes, size=s.image_size, seed=s.seed, force=True)
     manifest = json.loads((ctx.data_dir / "manifest.json").read_text())
-    return {"dataset": str(ctx.data_dir), "splits": manifest["splits"], "heldout_pairs": manifest["heldout_pairs"]}
+    return {
+        "dataset": str(ctx.data_dir),
+        "splits": manifest["splits"],
+        "heldout_pairs": manifest["heldout_pairs"],
+    }
 
 
 def stage_validate(ctx: DemoContext) -> dict:
@@ -64,7 +90,130 @@ def stage_validate(ctx: DemoContext) -> dict:
     report = validate_dataset(ctx.data_dir)
     if not report.ok:
         raise RuntimeError(f"the generated dataset {ctx.data_dir} failed validation:\n{report.render()}")
-    return {"records_checked": report.records_checked, "problems": 0}
+    return {"records_checked": sum(report.records_checked.values()), "problems": 0}
+
+
+def stage_teacher(ctx: DemoContext) -> dict:
+    from tokenizer.teacher import TeacherSettings, train_teacher, write_zero_shot, zero_shot_eval
+
+    out = _fresh(ctx.path("teacher"))
+    settings = TeacherSettings(
+        steps=ctx.settings.teacher_steps, seed=ctx.settings.seed, threads=ctx.settings.threads
+    )
+    metrics = train_teacher(ctx.data_dir, out, settings)
+    result = zero_shot_eval(out, ctx.data_dir, split="test")
+    write_zero_shot(out, result)
+    return {
+        "teacher": str(out),
+        "train_seconds": metrics["train_seconds"],
+        "zero_shot": _zero_shot_summary(result),
+    }
+
+
+def _zero_shot_summary(result: dict) -> dict:
+    return {
+        k: v for k, v in result.items() if not isinstance(v, (list, dict)) or k in ("all", "heldout", "seen")
+    }
+
+
+def stage_text_tokenizer(ctx: DemoContext) -> dict:
+    from mllm.text_tokenizer import texts_from_dataset, train_text_tokenizer
+
+    out = ctx.path("text_tokenizer")
+    texts = texts_from_dataset(ctx.data_dir, split="train")
+    tokenizer = train_text_tokenizer(
+        texts, out, vocab_size=ctx.settings.text_vocab_size, seed=ctx.settings.seed
+    )
+    return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}
+
+
+def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str]) -> dict:
+    import torch
+
+    from train.mllm_train import main as train_main
+
+    _fresh(output)
+    split = ctx.data_dir / "train"
+    torch.set_num_threads(ctx.settings.threads)
+    argv = [
+        "--config", str(Path(__file__).resolve().parents[1] / "train" / "configs" / config),
+        "--llava_files", str(split / "llava.json"),
+        "--prompt_files", str(split / "prompts.jsonl"),
+        "--code_store", str(ctx.path("codes") / "train"),
+        "--output_dir", str(output),
+        "--max_steps", str(steps),
+        "--per_device_train_batch_size", str(ctx.settings.batch_size),
+        "--seed", str(ctx.settings.seed),
+        *extra,
+    ]  # fmt: skip
+    trainer = train_main(argv)
+    _write_json_atomic(output / "log_history.json", trainer.state.log_history)
+    history = [row for row in trainer.state.log_history if "loss" in row or "train_loss" in row]
+    throughput = (
+        json.loads((output / "throughput.json").read_text()) if (output / "throughput.json").exists() else {}
+    )
+    return {
+        "model": str(output),
+        "steps": trainer.state.global_step,
+        "log": history[-3:],
+        "throughput": throughput,
+    }
+
+
+def stage_mllm_stage1(ctx: DemoContext) -> dict:
+    extra = [
+        "--text_tokenizer",
+        str(ctx.path("text_tokenizer")),
+        "--image_tokenizer",
+        str(ctx.path("tokenizer")),
+    ]
+    return _train_mllm(ctx, "tiny_stage1.yaml", ctx.path("mllm_stage1"), ctx.settings.stage1_steps, extra)
+
+
+def stage_mllm_stage2(ctx: DemoContext) -> dict:
+    extra = ["--model_name_or_path", str(ctx.path("mllm_stage1"))]
+    return _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), ctx.settings.stage2_steps, extra)
+
+
+def stage_evaluate(ctx: DemoContext) -> dict:
+    import torch
+
+    from eval.tasks import EvalSettings, heldout_image_ids, run_captions, run_chat, run_t2i, run_vqa
+    from mllm.checkpoint import load_checkpoint
+
+    torch.set_num_threads(ctx.settings.threads)
+    s = ctx.settings
+    out = _fresh(ctx.path("eval"))
+    model, processor = load_checkpoint(ctx.path("mllm"))
+    test = ctx.data_dir / "test"
+    heldout = heldout_image_ids(test / "scenes.jsonl")
+    vqa = run_vqa(
+        model, processor, test / "vqa_questions.json", test / "vqa_annotations.json", test / "images", out,
+        EvalSettings(batch_size=32, limit=s.eval_vqa, max_new_tokens=8, seed=s.seed), heldout_images=heldout,
+    )  # fmt: skip
+    captions = run_captions(
+        model, processor, test / "captions.json", test / "images", out,
+        EvalSettings(batch_size=32, limit=s.eval_captions, max_new_tokens=48, seed=s.seed),
+    )  # fmt: skip
+    chat = run_chat(
+        model, processor, test / "llava.json", test, out,
+        EvalSettings(batch_size=32, limit=s.eval_chat, max_new_tokens=32, seed=s.seed),
+    )  # fmt: skip
+    t2i = run_t2i(
+        model,
+        processor,
+        test / "prompts.jsonl",
+        out,
+        EvalSettings(batch_size=16, limit=s.eval_t2i, seed=s.seed),
+    )
+    return {"vqa": vqa, "captions": captions, "chat": chat, "t2i": t2i}
+
+
+def stage_report(ctx: DemoContext) -> dict:
+    from eval.report import write_report
+
+    path = write_report(ctx.out, ctx.summaries)
+    return {"report": str(path)}
 
 
 STAGES: list[Stage] = [
