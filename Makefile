@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q --find-links $(TORCH_WHEEL_DIR) torch==2.13.0
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,demo]"
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		  || echo "note: could not install chromium from apt; the browser test will skip"; }
 	@touch $(STAMP)
 
 demo: $(STAMP)
