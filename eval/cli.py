@@ -10,7 +10,21 @@ from eval.web_demo import register as register_serve
 
 
 def _demo(args) -> int:
-    settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed)
+    budget = {
+        name: getattr(args, name)
+        for name in (
+            "teacher_steps",
+            "tokenizer_steps",
+            "stage1_steps",
+            "stage2_steps",
+            "batch_size",
+            "threads",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.eval_limit is not None:
+        budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
+    settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
     run_demo(Path(args.out), settings, rerun_from=args.rerun_from)
     return 0
 
@@ -151,6 +165,16 @@ def register(subparsers) -> None:
     demo.add_argument("--scenes", type=int, default=DemoSettings.scenes, help="shapes-world scenes to render")
     demo.add_argument("--size", type=int, default=DemoSettings.image_size, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=DemoSettings.seed)
+    budget = demo.add_argument_group(
+        "budget (defaults: what `make demo` runs in about 30 minutes on 2 cores)"
+    )
+    budget.add_argument("--teacher-steps", type=int)
+    budget.add_argument("--tokenizer-steps", type=int)
+    budget.add_argument("--stage1-steps", type=int, help="MLLM stage 1 (projectors + heads) steps")
+    budget.add_argument("--stage2-steps", type=int, help="MLLM stage 2 (everything) steps")
+    budget.add_argument("--batch-size", type=int, help="MLLM batch size")
+    budget.add_argument("--eval-limit", type=int, help="samples per evaluation task")
+    budget.add_argument("--threads", type=int, help="torch threads")
     demo.add_argument(
         "--from",
         dest="rerun_from",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -116,6 +117,35 @@ def _zero_shot_summary(result: dict) -> dict:
     }
 
 
+def stage_tokenizer(ctx: DemoContext) -> dict:
+    from tokenizer.train import TokenizerTrainSettings, train_tokenizer
+
+    out = _fresh(ctx.path("tokenizer"))
+    overrides = {"steps": ctx.settings.tokenizer_steps} if ctx.settings.tokenizer_steps else {}
+    settings = TokenizerTrainSettings(seed=ctx.settings.seed, threads=ctx.settings.threads, **overrides)
+    metrics = train_tokenizer(ctx.data_dir, out, settings, teacher_dir=ctx.path("teacher"))
+    return {"tokenizer": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+
+
+def stage_tokenizer_eval(ctx: DemoContext) -> dict:
+    from tokenizer.evaluate import evaluate_tokenizer
+
+    out = _fresh(ctx.path("eval_tokenizer"))
+    metrics = evaluate_tokenizer(
+        ctx.path("tokenizer"), ctx.data_dir, ctx.path("teacher"), split="test", out_dir=out
+    )
+    return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+def stage_encode(ctx: DemoContext) -> dict:
+    from tokenizer.encode import encode_dataset
+
+    out = ctx.path("codes") / "train"
+    _fresh(out)
+    result = encode_dataset(ctx.path("tokenizer"), out, data_dir=ctx.data_dir, split="train")
+    return {"codes": str(out), **{k: v for k, v in result.items() if isinstance(v, (int, float, str))}}
+
+
 def stage_text_tokenizer(ctx: DemoContext) -> dict:
     from mllm.text_tokenizer import texts_from_dataset, train_text_tokenizer
 
@@ -219,7 +249,37 @@ def stage_report(ctx: DemoContext) -> dict:
 STAGES: list[Stage] = [
     Stage("data", "render the shapes world (train/val/test, held-out color-shape pairs)", stage_data),
     Stage("validate", "validate every file of the dataset", stage_validate),
+    Stage(
+        "teacher",
+        "train the tiny SigLIP teacher (sigmoid loss on captions) and score it zero-shot",
+        stage_teacher,
+    ),
+    Stage(
+        "tokenizer",
+        "train DualToken (pixel + semantic residual VQ) distilled from the teacher",
+        stage_tokenizer,
+    ),
+    Stage(
+        "tokenizer_eval",
+        "PSNR, SSIM, FD, zero-shot and codebook usage on the test split",
+        stage_tokenizer_eval,
+    ),
+    Stage("encode", "pre-tokenize the train split into pixel + semantic code shards", stage_encode),
+    Stage("text_tokenizer", "train the SentencePiece text tokenizer on the train text", stage_text_tokenizer),
+    Stage(
+        "mllm_stage1", "instruction tuning stage 1: projectors + depth heads, LLM frozen", stage_mllm_stage1
+    ),
+    Stage("mllm_stage2", "instruction tuning stage 2: everything trains", stage_mllm_stage2),
+    Stage("evaluate", "VQA, captions, chat and text-to-image on the test split", stage_evaluate),
+    Stage("report", "write REPORT.md with tables, image grids and training curves", stage_report),
 ]
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system): the demo's cost independent of how
+    busy the machine was."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_demo(out: Path, settings: DemoSettings, rerun_from: str | None = None) -> dict[str, dict]:
@@ -237,11 +297,17 @@ def run_demo(out: Path, settings: DemoSettings, rerun_from: str | None = None) -
             print(f"{header} -- already done, reusing {marker}", flush=True)
             continue
         print(header, flush=True)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         summary = stage.run(ctx)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         ctx.summaries[stage.name] = summary
-        _write_json_atomic(marker, {"summary": summary, "seconds": elapsed, "settings": asdict(settings)})
-        print(f"    done in {elapsed:.1f} s: {json.dumps(summary)}", flush=True)
+        _write_json_atomic(
+            marker, {"summary": summary, "seconds": elapsed, "cpu_seconds": cpu, "settings": asdict(settings)}
+        )
+        line = json.dumps(summary, default=str)
+        print(
+            f"    done in {elapsed:.1f} s ({cpu:.0f} CPU s): {line if len(line) <= 400 else line[:397] + '...'}",
+            flush=True,
+        )
     print(f"demo finished in {time.perf_counter() - start:.1f} s; outputs under {out}", flush=True)
     return ctx.summaries

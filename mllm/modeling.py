@@ -368,7 +368,9 @@ class DualTokenMLLM(PreTrainedModel):
                 (outputs,),
                 self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs)),
             )
-        if semantic_codes is not None and (pixel_codes is not None or self.understanding_projector is not None):
+        if semantic_codes is not None and (
+            pixel_codes is not None or self.understanding_projector is not None
+        ):
             out = out.index_put(
                 (inputs,),
                 self.understanding_cell_embedding(flat(pixel_codes, inputs), flat(semantic_codes, inputs)),

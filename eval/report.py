@@ -1,0 +1,264 @@
+"""The demo's human-readable report: `runs/demo/REPORT.md` with metric tables, image grids and training curves.
+
+Everything is read from what the demo stages wrote (stage summaries, `eval/*_metrics.json`, per-sample JSONL,
+the trainers' `log_history.json`); the report adds pictures: training curves (matplotlib, Agg backend) and a grid
+of generated images with the scene parser's verdict under each. Paths in the markdown are relative to the run
+directory so the report renders wherever the directory is moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+T2I_TAG_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ pictures
+def plot_training_curves(histories: Mapping[str, list[dict]], out_png: Path) -> Path | None:
+    """One panel per logged loss (total, text, pixel, semantic), one line per training stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss", "loss_text", "loss_pixel", "loss_semantic"]
+    present = [k for k in keys if any(k in row for rows in histories.values() for row in rows)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+    offset = 0
+    for stage, rows in histories.items():
+        steps = [row["step"] + offset for row in rows if "step" in row]
+        for ax, key in zip(axes[0], present):
+            points = [(row["step"] + offset, row[key]) for row in rows if key in row and "step" in row]
+            if points:
+                ax.plot(*zip(*points), label=stage)
+        offset = max(steps, default=offset)
+    for ax, key in zip(axes[0], present):
+        ax.set_title(key)
+        ax.set_xlabel("step (stages back to back)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+def verdict_grid(
+    image_dir: Path,
+    verdicts: Sequence[Mapping[str, Any]],
+    samples: Mapping[str, Any],
+    out_png: Path,
+    per_tag: int = 4,
+) -> Path | None:
+    """Generated images, `per_tag` per T2I category (rows), each with its prompt and the parser's verdict."""
+    files = {str(row["prompt_id"]): row["files"] for row in samples.values()}
+    by_tag: dict[str, list[tuple[Path, Mapping[str, Any]]]] = {}
+    seen_files: set[str] = set()
+    for verdict in verdicts:
+        names = [n for n in files.get(str(verdict["prompt_id"]), []) if n not in seen_files]
+        if not names:
+            continue
+        seen_files.add(names[0])
+        if len(by_tag.setdefault(verdict["tag"], [])) < per_tag:
+            by_tag[verdict["tag"]].append((image_dir / names[0], verdict))
+    tags = [t for t in T2I_TAG_ORDER if t in by_tag]
+    if not tags:
+        return None
+    cell, text_h, scale = 160, 44, 2
+    canvas = Image.new("RGB", (per_tag * cell, len(tags) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, tag in enumerate(tags):
+        for c, (path, verdict) in enumerate(by_tag[tag]):
+            image = Image.open(path).convert("RGB")
+            side = min(cell - 8, image.width * scale)
+            x, y = c * cell + (cell - side) // 2, r * (cell + text_h) + 4
+            canvas.paste(image.resize((side, side), Image.NEAREST), (x, y))
+            mark, color = ("PASS", (0, 130, 0)) if verdict["satisfied"] else ("FAIL", (190, 0, 0))
+            prompt = verdict["prompt"] if len(verdict["prompt"]) <= 26 else verdict["prompt"][:25] + "…"
+            draw.text((c * cell + 6, y + side + 2), f"{mark} [{tag}]", fill=color)
+            draw.text((c * cell + 6, y + side + 16), prompt, fill=(0, 0, 0))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------ sections
+def _stage_times(run: Path) -> str:
+    rows = []
+    for marker in sorted((run / "stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        payload = _read_json(marker)
+        rows.append((marker.stem, float(payload.get("seconds", 0.0)), float(payload.get("cpu_seconds", 0.0))))
+    total = ("**total**", sum(row[1] for row in rows), sum(row[2] for row in rows))
+    return _table(
+        ("stage", "wall seconds", "CPU seconds"),
+        [(name, f"{wall:.0f}", f"{cpu:.0f}") for name, wall, cpu in [*rows, total]],
+    )
+
+
+def _tokenizer_section(run: Path, summaries: Mapping[str, dict]) -> list[str]:
+    lines = ["## Tokenizer", ""]
+    teacher = summaries.get("teacher", {}).get("zero_shot")
+    metrics = _read_json(run / "eval" / "tokenizer" / "metrics.json") or summaries.get(
+        "tokenizer_eval", {}
+    ).get("metrics")
+    if teacher:
+        lines += [f"Teacher zero-shot (test split, single-object images): `{json.dumps(teacher)}`", ""]
+    if metrics:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        lines += [_table(("metric", "value"), [(k, f"{v:.4g}") for k, v in sorted(flat.items())]), ""]
+    if (run / "eval_tokenizer" / "reconstructions.png").exists():
+        lines += ["Originals and reconstructions (test split): ![](eval_tokenizer/reconstructions.png)", ""]
+    ablation = run / "eval" / "tokenizer_ablation.md"
+    if ablation.exists():
+        lines += ["### Ablation (same budget)", "", ablation.read_text(encoding="utf-8"), ""]
+    return lines
+
+
+def _vqa_section(run: Path) -> list[str]:
+    metrics = _read_json(run / "eval" / "vqa_metrics.json")
+    if not metrics:
+        return []
+    lines = ["## VQA (VQAv2 accuracy, test split)", ""]
+    types = sorted(metrics["all"]["per_question_type"])
+    rows = []
+    for part in ("all", "seen", "heldout"):
+        m = metrics.get(part)
+        if m:
+            rows.append(
+                (
+                    part,
+                    m["num_questions"],
+                    _pct(m["overall"]),
+                    *(_pct(m["per_question_type"].get(t)) for t in types),
+                )
+            )
+    lines += [_table(("combinations", "questions", "overall", *types), rows), ""]
+    examples = _read_jsonl(run / "eval" / "vqa_predictions.jsonl", limit=8)
+    if examples:
+        lines += [
+            _table(
+                ("image", "question", "model answer"),
+                [
+                    (f"![](data/test/images/{r['image_id']:07d}.png)", r["question"], f"`{r['answer']}`")
+                    for r in examples
+                ],
+            ),
+            "",
+        ]
+    return lines
+
+
+def _caption_chat_section(run: Path) -> list[str]:
+    lines = []
+    captions = _read_json(run / "eval" / "caption_metrics.json")
+    if captions:
+        lines += ["## Captions", "", _table(("images", "CIDEr-D", "BLEU-4"),
+                  [(captions["num_images"], f"{captions['CIDEr-D']:.3f}", f"{captions['BLEU-4']:.3f}")]), ""]  # fmt: skip
+        examples = _read_jsonl(run / "eval" / "caption_predictions.jsonl", limit=4)
+        lines += [
+            _table(
+                ("image", "caption"),
+                [(f"![](data/test/images/{r['image_id']:07d}.png)", r["caption"]) for r in examples],
+            ),
+            "",
+        ]
+    chat = _read_json(run / "eval" / "chat_metrics.json")
+    if chat:
+        lines += ["## Multi-turn chat (reply accuracy per turn, true history given)", ""]
+        lines += [_table(("turn", "accuracy"), [(t, _pct(v)) for t, v in chat["per_turn"].items()]), ""]
+        lines += [f"Overall: {_pct(chat['overall'])} over {chat['num_turns']} turns.", ""]
+        examples = _read_jsonl(run / "eval" / "chat_predictions.jsonl", limit=6)
+        lines += [_table(("turn", "question", "reference", "model"),
+                         [(r["turn"] + 1, r["question"].replace("<image>\n", ""), r["reference"], r["reply"])
+                          for r in examples]), ""]  # fmt: skip
+    return lines
+
+
+def _t2i_section(run: Path) -> list[str]:
+    metrics = _read_json(run / "eval" / "t2i_metrics.json")
+    if not metrics:
+        return []
+    lines = ["## Text-to-image (GenEval-style, verified by the scene parser)", ""]
+    rows = []
+    for part in ("all", "seen", "heldout"):
+        summary = metrics.get(part)
+        if summary:
+            per_tag = summary.get("per_tag", {})
+            rows.append(
+                (part, summary.get("num_samples", "–"), _pct(100 * summary["overall"]),
+                 *(_pct(100 * per_tag[t]) if t in per_tag else "–" for t in T2I_TAG_ORDER))
+            )  # fmt: skip
+    lines += [_table(("prompts", "samples", "overall", *T2I_TAG_ORDER), rows), ""]
+    samples = {str(r["prompt_id"]): r for r in _read_jsonl(run / "eval" / "t2i_samples.jsonl")}
+    verdicts = _read_jsonl(run / "eval" / "t2i_verdicts.jsonl")
+    grid = verdict_grid(run / "eval" / "t2i_images", verdicts, samples, run / "eval" / "t2i_grid.png")
+    if grid:
+        lines += ["![generated images with verdicts](eval/t2i_grid.png)", ""]
+    return lines
+
+
+def write_report(run: str | os.PathLike, summaries: Mapping[str, dict]) -> Path:
+    run = Path(run)
+    histories = {}
+    for stage in ("mllm_stage1", "mllm"):
+        history = _read_json(run / stage / "log_history.json")
+        if history:
+            histories[stage] = history
+    curves = plot_training_curves(histories, run / "eval" / "training_curves.png") if histories else None
+    data = summaries.get("data", {})
+    lines = [
+        "# DualToken-MLLM demo report (tiny preset, shapes world)",
+        "",
+        f"Dataset: `{json.dumps(data.get('splits', {}))}` scenes; held-out color-shape pairs "
+        f"`{data.get('heldout_pairs')}` appear only in the test split.",
+        "",
+        "## Stages",
+        "",
+        _stage_times(run),
+        "",
+        *_tokenizer_section(run, summaries),
+        *_vqa_section(run),
+        *_caption_chat_section(run),
+        *_t2i_section(run),
+    ]
+    if curves:
+        lines += ["## Training curves", "", "![training curves](eval/training_curves.png)", ""]
+    path = run / "REPORT.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
