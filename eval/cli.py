@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.demo import STAGES, DemoSettings, run_demo
+from eval.demo import ABLATION_STAGES, STAGES, DemoSettings, run_demo
 from eval.web_demo import register as register_serve
 
 
@@ -25,7 +25,7 @@ def _demo(args) -> int:
     if args.eval_limit is not None:
         budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
     settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
-    run_demo(Path(args.out), settings, rerun_from=args.rerun_from)
+    run_demo(Path(args.out), settings, rerun_from=args.rerun_from, ablations=args.ablations)
     return 0
 
 
@@ -178,7 +178,14 @@ def register(subparsers) -> None:
     demo.add_argument(
         "--from",
         dest="rerun_from",
-        choices=[stage.name for stage in STAGES],
+        choices=[stage.name for stage in STAGES + ABLATION_STAGES],
         help="run this stage and all later ones again even if they finished before",
+    )
+    demo.add_argument(
+        "--ablations",
+        action="store_true",
+        help="after the main chain, also run the ablations with the same budget (semantic+pixel understanding "
+        "tokens, pixel head only, the tokenizer ablation; about two MLLM and three tokenizer budgets more) and "
+        "add their tables to REPORT.md",
     )
     demo.set_defaults(func=_demo)

@@ -24,7 +24,7 @@ class DemoSettings:
     scenes: int = 12000
     image_size: int = 64
     seed: int = 0
-    teacher_steps: int = 1200
+    teacher_steps: int = 600
     tokenizer_steps: int | None = None  # None: the tokenizer trainer's own default
     text_vocab_size: int = 1024
     stage1_steps: int = 150
@@ -157,7 +157,9 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
     return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}
 
 
-def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str]) -> dict:
+def _train_mllm(
+    ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str], codes: Path | None = None
+) -> dict:
     import torch
 
     from train.mllm_train import main as train_main
@@ -169,7 +171,7 @@ def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: 
         "--config", str(Path(__file__).resolve().parents[1] / "train" / "configs" / config),
         "--llava_files", str(split / "llava.json"),
         "--prompt_files", str(split / "prompts.jsonl"),
-        "--code_store", str(ctx.path("codes") / "train"),
+        "--code_store", str(codes or ctx.path("codes") / "train"),
         "--output_dir", str(output),
         "--max_steps", str(steps),
         "--per_device_train_batch_size", str(ctx.settings.batch_size),
@@ -190,14 +192,22 @@ def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: 
     }
 
 
-def stage_mllm_stage1(ctx: DemoContext) -> dict:
+def _stage1_args(ctx: DemoContext, model_overrides: dict | None = None) -> list[str]:
     extra = [
         "--text_tokenizer",
         str(ctx.path("text_tokenizer")),
         "--image_tokenizer",
         str(ctx.path("tokenizer")),
     ]
-    return _train_mllm(ctx, "tiny_stage1.yaml", ctx.path("mllm_stage1"), ctx.settings.stage1_steps, extra)
+    if model_overrides:
+        extra += ["--model_overrides", json.dumps(model_overrides)]
+    return extra
+
+
+def stage_mllm_stage1(ctx: DemoContext) -> dict:
+    return _train_mllm(
+        ctx, "tiny_stage1.yaml", ctx.path("mllm_stage1"), ctx.settings.stage1_steps, _stage1_args(ctx)
+    )
 
 
 def stage_mllm_stage2(ctx: DemoContext) -> dict:
@@ -205,10 +215,34 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
     return _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), ctx.settings.stage2_steps, extra)
 
 
+def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:
+    from eval.tasks import EvalSettings, heldout_image_ids, run_vqa
+
+    s, test = ctx.settings, ctx.data_dir / "test"
+    return run_vqa(
+        model, processor, test / "vqa_questions.json", test / "vqa_annotations.json", test / "images", out,
+        EvalSettings(batch_size=32, limit=s.eval_vqa, max_new_tokens=8, seed=s.seed),
+        heldout_images=heldout_image_ids(test / "scenes.jsonl"),
+    )  # fmt: skip
+
+
+def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path) -> dict:
+    from eval.tasks import EvalSettings, run_t2i
+
+    s = ctx.settings
+    return run_t2i(
+        model,
+        processor,
+        ctx.data_dir / "test" / "prompts.jsonl",
+        out,
+        EvalSettings(batch_size=16, limit=s.eval_t2i, seed=s.seed),
+    )
+
+
 def stage_evaluate(ctx: DemoContext) -> dict:
     import torch
 
-    from eval.tasks import EvalSettings, heldout_image_ids, run_captions, run_chat, run_t2i, run_vqa
+    from eval.tasks import EvalSettings, run_captions, run_chat
     from mllm.checkpoint import load_checkpoint
 
     torch.set_num_threads(ctx.settings.threads)
@@ -216,11 +250,7 @@ def stage_evaluate(ctx: DemoContext) -> dict:
     out = _fresh(ctx.path("eval"))
     model, processor = load_checkpoint(ctx.path("mllm"))
     test = ctx.data_dir / "test"
-    heldout = heldout_image_ids(test / "scenes.jsonl")
-    vqa = run_vqa(
-        model, processor, test / "vqa_questions.json", test / "vqa_annotations.json", test / "images", out,
-        EvalSettings(batch_size=32, limit=s.eval_vqa, max_new_tokens=8, seed=s.seed), heldout_images=heldout,
-    )  # fmt: skip
+    vqa = _evaluate_vqa(ctx, model, processor, out)
     captions = run_captions(
         model, processor, test / "captions.json", test / "images", out,
         EvalSettings(batch_size=32, limit=s.eval_captions, max_new_tokens=48, seed=s.seed),
@@ -229,14 +259,58 @@ def stage_evaluate(ctx: DemoContext) -> dict:
         model, processor, test / "llava.json", test, out,
         EvalSettings(batch_size=32, limit=s.eval_chat, max_new_tokens=32, seed=s.seed),
     )  # fmt: skip
-    t2i = run_t2i(
-        model,
-        processor,
-        test / "prompts.jsonl",
-        out,
-        EvalSettings(batch_size=16, limit=s.eval_t2i, seed=s.seed),
-    )
+    t2i = _evaluate_t2i(ctx, model, processor, out)
     return {"vqa": vqa, "captions": captions, "chat": chat, "t2i": t2i}
+
+
+# ------------------------------------------------------------------ ablations (`dualtoken demo --ablations`)
+def _mllm_ablation(ctx: DemoContext, name: str, model_overrides: dict, evaluate: Callable) -> dict:
+    """Both MLLM stages again with `model_overrides`, the same budget and data as the main run, then `evaluate`
+    (`_evaluate_vqa` or `_evaluate_t2i`) into `ablations/<name>/eval`."""
+    import torch
+
+    from mllm.checkpoint import load_checkpoint
+
+    root = ctx.path("ablations") / name
+    s = ctx.settings
+    _train_mllm(ctx, "tiny_stage1.yaml", root / "stage1", s.stage1_steps, _stage1_args(ctx, model_overrides))
+    _train_mllm(
+        ctx, "tiny_stage2.yaml", root / "mllm", s.stage2_steps, ["--model_name_or_path", str(root / "stage1")]
+    )
+    shutil.rmtree(root / "stage1")  # only the final model is evaluated; stage 1 weights are not needed again
+    torch.set_num_threads(s.threads)
+    model, processor = load_checkpoint(root / "mllm")
+    metrics = evaluate(ctx, model, processor, _fresh(root / "eval"))
+    return {"overrides": model_overrides, "model": str(root / "mllm"), "metrics": metrics}
+
+
+def stage_ablate_understanding(ctx: DemoContext) -> dict:
+    return _mllm_ablation(
+        ctx, "semantic_pixel_tokens", {"understanding_tokens": "semantic+pixel"}, _evaluate_vqa
+    )
+
+
+def stage_ablate_pixel_head(ctx: DemoContext) -> dict:
+    return _mllm_ablation(ctx, "pixel_head_only", {"use_semantic_head": False}, _evaluate_t2i)
+
+
+def stage_ablate_tokenizer(ctx: DemoContext) -> dict:
+    from tokenizer.ablate import run_ablations
+    from tokenizer.train import TokenizerTrainSettings
+
+    overrides = {"steps": ctx.settings.tokenizer_steps} if ctx.settings.tokenizer_steps else {}
+    settings = TokenizerTrainSettings(seed=ctx.settings.seed, threads=ctx.settings.threads, **overrides)
+    result = run_ablations(
+        ctx.data_dir,
+        ctx.path("teacher"),
+        ctx.path("ablations") / "tokenizer",
+        settings,
+        existing={"dualtoken": ctx.path("tokenizer")},
+    )
+    return {
+        "table": str(ctx.path("ablations") / "tokenizer" / "ablation.md"),
+        "variants": list(result["variants"]),
+    }
 
 
 def stage_report(ctx: DemoContext) -> dict:
@@ -274,6 +348,27 @@ STAGES: list[Stage] = [
     Stage("report", "write REPORT.md with tables, image grids and training curves", stage_report),
 ]
 
+# Run after the main stages with `--ablations` (each costs about one tokenizer or one MLLM training budget);
+# the report stage runs again afterwards so REPORT.md gains their tables.
+ABLATION_STAGES: list[Stage] = [
+    Stage(
+        "ablate_understanding",
+        "MLLM again with semantic+pixel understanding tokens (same budget); VQA",
+        stage_ablate_understanding,
+    ),
+    Stage(
+        "ablate_pixel_head",
+        "MLLM again with the pixel head only (no semantic head; same budget); text-to-image",
+        stage_ablate_pixel_head,
+    ),
+    Stage(
+        "ablate_tokenizer",
+        "tokenizer ablation: same-layer, recon-only, semantic-only (same budget as DualToken)",
+        stage_ablate_tokenizer,
+    ),
+    Stage("report_ablations", "rewrite REPORT.md with the ablation tables", stage_report),
+]
+
 
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system): the demo's cost independent of how
@@ -282,16 +377,19 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_demo(out: Path, settings: DemoSettings, rerun_from: str | None = None) -> dict[str, dict]:
-    names = [stage.name for stage in STAGES]
+def run_demo(
+    out: Path, settings: DemoSettings, rerun_from: str | None = None, ablations: bool = False
+) -> dict[str, dict]:
+    stages = STAGES + ABLATION_STAGES if ablations else STAGES
+    names = [stage.name for stage in stages]
     if rerun_from is not None and rerun_from not in names:
         raise ValueError(f"--from: unknown stage {rerun_from!r}; stages are {', '.join(names)}")
     ctx = DemoContext(out=out, settings=settings)
     forced = names[names.index(rerun_from) :] if rerun_from else []
     start = time.perf_counter()
-    for i, stage in enumerate(STAGES, 1):
+    for i, stage in enumerate(stages, 1):
         marker = out / "stages" / f"{stage.name}.json"
-        header = f"[{i}/{len(STAGES)}] {stage.name}: {stage.description}"
+        header = f"[{i}/{len(stages)}] {stage.name}: {stage.description}"
         if marker.exists() and stage.name not in forced:
             ctx.summaries[stage.name] = json.loads(marker.read_text())["summary"]
             print(f"{header} -- already done, reusing {marker}", flush=True)

@@ -132,9 +132,9 @@ def _stage_times(run: Path) -> str:
 def _tokenizer_section(run: Path, summaries: Mapping[str, dict]) -> list[str]:
     lines = ["## Tokenizer", ""]
     teacher = summaries.get("teacher", {}).get("zero_shot")
-    metrics = _read_json(run / "eval" / "tokenizer" / "metrics.json") or summaries.get(
-        "tokenizer_eval", {}
-    ).get("metrics")
+    metrics = _read_json(run / "eval_tokenizer" / "metrics.json") or summaries.get("tokenizer_eval", {}).get(
+        "metrics"
+    )
     if teacher:
         lines += [f"Teacher zero-shot (test split, single-object images): `{json.dumps(teacher)}`", ""]
     if metrics:
@@ -142,10 +142,45 @@ def _tokenizer_section(run: Path, summaries: Mapping[str, dict]) -> list[str]:
         lines += [_table(("metric", "value"), [(k, f"{v:.4g}") for k, v in sorted(flat.items())]), ""]
     if (run / "eval_tokenizer" / "reconstructions.png").exists():
         lines += ["Originals and reconstructions (test split): ![](eval_tokenizer/reconstructions.png)", ""]
-    ablation = run / "eval" / "tokenizer_ablation.md"
-    if ablation.exists():
-        lines += ["### Ablation (same budget)", "", ablation.read_text(encoding="utf-8"), ""]
     return lines
+
+
+def _ablation_section(run: Path) -> list[str]:
+    """The `dualtoken demo --ablations` results next to the main run's (same data, budget and seed)."""
+    lines = []
+    understanding = _read_json(run / "ablations" / "semantic_pixel_tokens" / "eval" / "vqa_metrics.json")
+    main_vqa = _read_json(run / "eval" / "vqa_metrics.json")
+    if understanding and main_vqa:
+        rows = [
+            (name, *(_pct(m[part]["overall"]) if m.get(part) else "–" for part in ("all", "seen", "heldout")))
+            for name, m in (("semantic (main run)", main_vqa), ("semantic + pixel", understanding))
+        ]
+        lines += [
+            "### Understanding tokens (VQA accuracy)",
+            "",
+            _table(("tokens", "all", "seen", "held-out"), rows),
+            "",
+        ]
+    generation = _read_json(run / "ablations" / "pixel_head_only" / "eval" / "t2i_metrics.json")
+    main_t2i = _read_json(run / "eval" / "t2i_metrics.json")
+    if generation and main_t2i:
+        rows = []
+        for name, m in (("pixel + semantic heads (main run)", main_t2i), ("pixel head only", generation)):
+            per_tag = m["all"].get("per_tag", {})
+            rows.append(
+                (name, _pct(100 * m["all"]["overall"]), *(_pct(100 * per_tag[t]) if t in per_tag else "–" for t in T2I_TAG_ORDER))
+            )  # fmt: skip
+        lines += ["### Generation heads (text-to-image, scene parser)", "",
+                  _table(("heads", "overall", *T2I_TAG_ORDER), rows), ""]  # fmt: skip
+    tokenizer = run / "ablations" / "tokenizer" / "ablation.md"
+    if tokenizer.exists():
+        lines += [
+            "### Tokenizer (same budget as the main DualToken run)",
+            "",
+            tokenizer.read_text(encoding="utf-8"),
+            "",
+        ]
+    return ["## Ablations", "", *lines] if lines else []
 
 
 def _vqa_section(run: Path) -> list[str]:
@@ -254,6 +289,7 @@ def write_report(run: str | os.PathLike, summaries: Mapping[str, dict]) -> Path:
         *_vqa_section(run),
         *_caption_chat_section(run),
         *_t2i_section(run),
+        *_ablation_section(run),
     ]
     if curves:
         lines += ["## Training curves", "", "![training curves](eval/training_curves.png)", ""]

@@ -132,8 +132,12 @@ class DepthHead(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         generator: RowGenerators | torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample the D codes of one cell per row, depth by depth.
+
+        `use_cache=False` keeps no depth KV cache: every depth step reruns the blocks over the whole depth prefix
+        (the model without KV caches that `GenerationSettings.use_cache=False` asks for; same codes).
 
         With `cfg_scale` set, `hidden` holds 2B rows (conditional first, unconditional second): at every depth the
         guided logits ``u + cfg*(c - u)`` are sampled once per row and the chosen code is fed to both halves. The
@@ -144,12 +148,18 @@ class DepthHead(nn.Module):
         codes = torch.zeros(rows, self.depth, dtype=torch.long, device=hidden.device)
         running = torch.zeros(hidden.shape[0], code_embedding.shape[-1], device=hidden.device)
         caches: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        partial_sums: list[torch.Tensor] = []
         x = self.hidden_in(hidden).unsqueeze(1)
         for d in range(self.depth):
-            x = x + self.depth_position[d]
-            for block, cache in zip(self.blocks, caches):
-                x = block(x, cache)
-            logits = self._classify(self.norm(x), first_depth=d)[:, 0]
+            if use_cache:
+                x = x + self.depth_position[d]
+                for block, cache in zip(self.blocks, caches):
+                    x = block(x, cache)
+                features = self.norm(x)
+            else:
+                context = torch.stack(partial_sums, dim=1) if partial_sums else running[:, None][:, :0]
+                features = self._run(hidden, context)[:, -1:]
+            logits = self._classify(features, first_depth=d)[:, 0]
             if cfg_scale is not None:
                 logits = cfg_mix(logits, cfg_scale)
             choice = sample_logits(
@@ -159,5 +169,6 @@ class DepthHead(nn.Module):
             fed = choice.repeat(2) if cfg_scale is not None else choice
             if d + 1 < self.depth:
                 running = running + code_embedding[fed].float()
+                partial_sums.append(running)
                 x = self.code_in(running.to(x.dtype)).unsqueeze(1)
         return codes

@@ -5,7 +5,8 @@ text-to-image, both over an HF `DynamicCache` with an explicit prefill / decode 
   returns the last hidden state of every row. **Decode** feeds one embedding per row per step: a text token's
   embedding, or an image cell's ``[MLP_pix ; MLP_sem]`` embedding built from the codes just sampled.
   `GenerationSettings.use_cache=False` keeps no KV cache: every decode step runs the model over all inputs so
-  far (prompt + generated), which gives the same results and exists as the baseline of `bench/generate.py`.
+  far (prompt + generated) and the depth heads rerun their depth prefix at every depth; it gives the same
+  results and exists as the baseline of `bench/generate.py`.
 - **Randomness** is per row (`mllm.sampling.RowGenerators`): row r of a call with seed s uses stream s + r (in
   text-to-image, row ``i * n + j`` is image j of prompt i), so a row gives the same result alone or in a batch.
 - **Text-to-image** puts the unconditional rows (the chat-formatted unconditional caption, " ") in the same
@@ -219,6 +220,7 @@ def sample_cell(
         "top_k": settings.image_top_k,
         "top_p": settings.image_top_p,
         "generator": generator,
+        "use_cache": settings.use_cache,
     }
     pixel = model.pixel_head.sample(hidden, model.pixel_code_embedding, **kwargs)
     semantic = None

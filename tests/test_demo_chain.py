@@ -36,3 +36,23 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert main(["demo", "--out", str(out), *MICRO, "--from", "report"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("already done") == len(stages) - 1
+
+    # --ablations adds the same-budget ablations after the finished chain and their tables to the report.
+    assert main(["demo", "--out", str(out), *MICRO, "--ablations"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already done") == len(stages)
+    understanding, _ = load_checkpoint(out / "ablations" / "semantic_pixel_tokens" / "mllm")
+    pixel_only, _ = load_checkpoint(out / "ablations" / "pixel_head_only" / "mllm")
+    assert (
+        understanding.config.understanding_tokens == "semantic+pixel"
+        and understanding.config.use_semantic_head
+    )
+    assert not pixel_only.config.use_semantic_head and pixel_only.semantic_head is None
+    table = json.loads((out / "ablations" / "tokenizer" / "ablation.json").read_text())
+    assert set(table["variants"]) == {"dualtoken", "same_layer", "recon_only", "semantic_only"}
+    assert table["variants"]["dualtoken"]["run"] == str(out / "tokenizer")
+    report = (out / "REPORT.md").read_text()
+    ablations = report[report.index("## Ablations") :]
+    for heading in ("### Understanding tokens", "### Generation heads", "### Tokenizer"):
+        assert heading in ablations
+    assert "pixel head only" in ablations and "semantic + pixel" in ablations and "same layer" in ablations

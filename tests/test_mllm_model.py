@@ -118,6 +118,23 @@ def test_depth_head_sampling_follows_teacher_forced_logits_with_cfg():
     assert torch.equal(guided.argmax(-1), codes)
 
 
+def test_depth_head_sampling_without_the_depth_cache_gives_the_same_codes():
+    torch.manual_seed(3)
+    head = _random_head()
+    table = torch.randn(32, 8)
+    hidden = torch.randn(6, 16)
+    for kwargs in ({"temperature": 0.0}, {"cfg_scale": 3.0, "temperature": 0.0}):
+        cached = head.sample(hidden, table, **kwargs)
+        recomputed = head.sample(hidden, table, use_cache=False, **kwargs)
+        assert torch.equal(cached, recomputed), kwargs
+        assert cached.shape == (3 if "cfg_scale" in kwargs else 6, 4)
+    sampled = [
+        head.sample(hidden, table, temperature=1.0, generator=torch.Generator().manual_seed(5), use_cache=flag)
+        for flag in (True, False)
+    ]
+    assert torch.equal(*sampled)
+
+
 def test_cfg_scale_one_equals_conditional_only_sampling():
     torch.manual_seed(2)
     head = _random_head()

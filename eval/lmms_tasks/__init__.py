@@ -1,0 +1,1 @@
+"""lmms-eval task definitions for DualToken-MLLM, one directory per task (see `eval.lmms_adapter`)."""
