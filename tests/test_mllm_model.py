@@ -129,7 +129,9 @@ def test_depth_head_sampling_without_the_depth_cache_gives_the_same_codes():
         assert torch.equal(cached, recomputed), kwargs
         assert cached.shape == (3 if "cfg_scale" in kwargs else 6, 4)
     sampled = [
-        head.sample(hidden, table, temperature=1.0, generator=torch.Generator().manual_seed(5), use_cache=flag)
+        head.sample(
+            hidden, table, temperature=1.0, generator=torch.Generator().manual_seed(5), use_cache=flag
+        )
         for flag in (True, False)
     ]
     assert torch.equal(*sampled)
