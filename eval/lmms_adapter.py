@@ -4,13 +4,19 @@
 with `mllm.checkpoint.load_checkpoint`. lmms-eval finds it through the `lmms_eval.models` entry-point group
 (pyproject.toml: `dualtoken = "eval.lmms_adapter:manifest"`), so nothing has to be copied into lmms-eval.
 
-Install (lmms-eval 0.7.3 declares torchvision as a hard dependency, and the only torchvision build on this
-project's machines is a CUDA one that breaks the CPU torch import; no import path the adapter uses needs it, so
-lmms-eval goes in without its declared dependencies and the `lmms` extra brings the ones its evaluation path
-imports)::
+Install. lmms-eval 0.7.3 declares torchvision as a hard dependency, and the only torchvision build on this
+project's machines is a CUDA one that breaks the CPU torch import; nothing on the path `python -m lmms_eval` takes
+with this adapter imports it. So lmms-eval goes in without its declared dependencies, the `lmms` extra brings the
+ones that path imports, and pytablewriter (the results table) goes in without its own, whose typepy[datetime]
+would downgrade python-dateutil::
 
     .venv/bin/pip install --no-build-isolation -e ".[lmms]"
-    .venv/bin/pip install --no-deps lmms-eval==0.7.3
+    .venv/bin/pip install --no-deps lmms-eval==0.7.3 pytablewriter==1.2.1 DataProperty==1.1.1 \
+        mbstrdecoder==1.1.5 pathvalidate==3.3.1 tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1
+
+The `lmms` extra pins filelock 3.32.7: lmms-eval 0.7.3's `simple_evaluate` starts with `import filelock._api`,
+which filelock 4 removed (with filelock 4 the CLI logs "No module named 'filelock._api'", writes no results and
+still exits 0); 3.32.7 satisfies every other package here.
 
 Run on the shapes world (everything local, nothing downloaded)::
 
@@ -25,12 +31,12 @@ Standard benchmarks run the same way (`--tasks vqav2_val,textvqa_val,...`) once 
 Model arguments (`--model_args k=v,...`): `pretrained` (the checkpoint directory, required), `device` (default:
 `--device`, else cuda:LOCAL_RANK under a multi-process launch, else CUDA when present, else CPU), `dtype`
 (float32 | bfloat16 | float16), `batch_size` (or `--batch_size`), `max_new_tokens` (used when a task's
-generation kwargs give none), `seed` (sampling seed; row r of a batch draws from stream seed + r), and
+generation kwargs give none), `seed` (request i of a call samples from stream seed + i, whatever the batch size), and
 `system_prompt` (text, or a file holding it).
 
 Requests:
 
-- `generate_until`: batched. A request's context becomes one user message; the images `doc_to_visual` returns
+- `generate_until`: batched (consecutive requests with equal generation kwargs). A request's context becomes one user message; the images `doc_to_visual` returns
   (PIL) are matched in order to `<image>` placeholders in the context, and when the context has none, one
   `<image>` line per image goes in front of it (the layout the model is trained on). `mllm.generation.generate_chat`
   formats the prompt with the processor's chat template and decodes. Generation kwargs: `until` (stop strings,
@@ -54,12 +60,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from eval.tasks import _contiguous_batches
 from mllm.sequence import IMAGE_PLACEHOLDER
 
+NO_DEPS_PACKAGES = (
+    "lmms-eval==0.7.3 pytablewriter==1.2.1 DataProperty==1.1.1 mbstrdecoder==1.1.5 pathvalidate==3.3.1 "
+    "tabledata==1.3.5 tcolorpy==0.1.7 typepy==1.3.5 chardet==6.0.0.post1"
+)
 INSTALL_HINT = (
     "install lmms-eval without its declared dependencies (it requires torchvision, which this project does not "
-    'install): `.venv/bin/pip install --no-build-isolation -e ".[lmms]"` then '
-    "`.venv/bin/pip install --no-deps lmms-eval==0.7.3`"
+    f'install): `.venv/bin/pip install --no-build-isolation -e ".[lmms]"` then `.venv/bin/pip install --no-deps '
+    f"{NO_DEPS_PACKAGES}`"
 )
 
 try:
@@ -146,11 +157,6 @@ def _settings_key(gen_kwargs: dict | None) -> str:
     return json.dumps(gen_kwargs or {}, sort_keys=True, default=repr)
 
 
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 class DualTokenLMMS(lmms):
     """A DualToken-MLLM checkpoint behind lmms-eval's simple-model interface (see the module docstring)."""
 
@@ -174,19 +180,24 @@ class DualTokenLMMS(lmms):
                 f"dualtoken: unknown model args {sorted(unused)}; expected pretrained, device, dtype, batch_size, "
                 "max_new_tokens, seed, system_prompt"
             )
+        if not pretrained:
+            raise ValueError("dualtoken: model arg pretrained=CHECKPOINT_DIR is required")
+        if str(batch_size).startswith("auto"):
+            raise ValueError(
+                f"dualtoken: --batch_size {batch_size}: give a number (automatic sizing is not supported)"
+            )
+        del max_batch_size  # lmms-eval passes it for automatic batch sizing only
+        self.batch_size_per_gpu = _as_int(batch_size, "batch_size", 1)
+        self.default_max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", 1)
+        self.seed = _as_int(seed, "seed", 0)
         import torch
 
         from mllm.checkpoint import load_checkpoint
 
-        if not pretrained:
-            raise ValueError("dualtoken: model arg pretrained=CHECKPOINT_DIR is required")
         if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self._model, self._processor = load_checkpoint(pretrained, device=device, dtype=dtype)
         self._device = self._model.device
-        self.batch_size_per_gpu = _as_int(batch_size, "batch_size", 1)
-        self.default_max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", 1)
-        self.seed = _as_int(seed, "seed", 0)
         self.system_prompt = self._resolve_system_prompt(system_prompt) if system_prompt else None
 
     @property
@@ -244,90 +255,97 @@ class DualTokenLMMS(lmms):
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": context}]
 
-    def _generate(self, prompts: Sequence[tuple[str, list, str]], settings) -> list[str]:
-        """(context, images, where) per row -> reply texts, one batched `generate_chat` call."""
+    def _generate(self, rows: Sequence[tuple[int, str, list, str]], settings) -> list[str]:
+        """(request index, context, images, where) per row -> reply texts. Rows go to `generate_chat` in runs of
+        consecutive request indices whose seed is `seed + first index`, so request i always samples from stream
+        seed + i, whatever the batch size or the other rows."""
         from mllm.generation import generate_chat
 
-        conversations = [self.conversation(context, len(images), where) for context, images, where in prompts]
-        replies = generate_chat(
-            self._model, self._processor, conversations, [p[1] for p in prompts], settings
-        )
-        return [reply.text for reply in replies]
+        texts: list[str] = []
+        for run in _contiguous_batches(list(rows), len(rows), lambda row: row[0]):
+            conversations = [
+                self.conversation(context, len(images), where) for _, context, images, where in run
+            ]
+            replies = generate_chat(
+                self._model,
+                self._processor,
+                conversations,
+                [row[2] for row in run],
+                settings.with_overrides(seed=settings.seed + run[0][0]),
+            )
+            texts.extend(reply.text for reply in replies)
+        return texts
 
-    def _settings(self, gen_kwargs: dict | None):
-        return generation_settings(gen_kwargs, self.default_max_new_tokens, self.seed)
-
-    def _groups(self, requests: Sequence[Instance], key: Callable[[tuple], Any]) -> list[list[int]]:
-        """Request indices grouped by `key(args)`, longest context first inside a group (less padding)."""
+    def _batches(self, requests: Sequence[Instance], key: Callable[[tuple], Any]):
+        """(generation settings, request indices) per batch: requests grouped by `key(args)` (their generation
+        kwargs at least), each batch at most `batch_size` consecutive indices of one group."""
         groups: dict[Any, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(key(request.args), []).append(index)
-        return [sorted(g, key=lambda i: -len(requests[i].args[0])) for g in groups.values()]
+        for group in groups.values():
+            settings = generation_settings(requests[group[0]].args[1], self.default_max_new_tokens, self.seed)
+            for batch in _contiguous_batches(group, self.batch_size, lambda i: i):
+                yield settings, batch
 
     # ------------------------------------------------------------------ lmms-eval interface
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         results: list[str | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="dualtoken generate_until", disable=self.rank != 0)
-        for group in self._groups(requests, lambda args: _settings_key(args[1])):
-            settings = self._settings(requests[group[0]].args[1])
-            for batch in _batches(group, self.batch_size):
-                prompts = []
-                for i in batch:
-                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                    images = self._visuals(doc_to_visual, task, split, doc_id)
-                    prompts.append((context, images, f"task {task} doc {doc_id}: "))
-                for i, text in zip(batch, self._generate(prompts, settings)):
-                    results[i] = text
-                    context, gen_kwargs = requests[i].args[:2]
-                    self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                bar.update(len(batch))
+        for settings, batch in self._batches(requests, lambda args: _settings_key(args[1])):
+            rows = []
+            for i in batch:
+                context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                images = self._visuals(doc_to_visual, task, split, doc_id)
+                rows.append((i, context, images, f"task {task} doc {doc_id}: "))
+            for i, text in zip(batch, self._generate(rows, settings)):
+                results[i] = text
+                context, gen_kwargs = requests[i].args[:2]
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            bar.update(len(batch))
         bar.close()
         return results
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         results: list[list[str] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="dualtoken generate_until_multi_round", disable=self.rank != 0)
-        for group in self._groups(requests, lambda args: (args[5], args[6], _settings_key(args[1]))):
-            settings = self._settings(requests[group[0]].args[1])
-            for batch in _batches(group, self.batch_size):
-                rounds: dict[int, list[str]] = {i: [] for i in batch}
-                info: dict[int, Any] = {i: None for i in batch}
-                pending = []
-                for i in batch:
-                    context, _, doc_to_visual, _, doc_id, task, split = requests[i].args
-                    images = self._visuals(doc_to_visual, task, split, doc_id)
-                    pending.append((i, context, images))
-                round_idx = 0
-                while pending:
-                    prompts = []
-                    for i, context, images in pending:
-                        task, doc_id = requests[i].args[5], requests[i].args[4]
-                        prompts.append((context, images, f"task {task} doc {doc_id} round {round_idx}: "))
-                    for (i, _, _), text in zip(pending, self._generate(prompts, settings)):
-                        rounds[i].append(text)
-                    round_idx += 1
-                    still = []
-                    for i, _, _ in pending:
-                        _, _, _, doc_to_text, doc_id, task, split = requests[i].args
-                        visuals, context, terminal, round_res, info[i] = doc_to_text(
-                            self.task_dict[task][split][doc_id],
-                            previous_output=list(rounds[i]),
-                            round_idx=round_idx,
-                            previous_round_info=info[i],
-                        )
-                        if round_res is not None:
-                            rounds[i] = list(round_res)
-                        if not terminal:
-                            still.append((i, context, self._check_visuals(visuals, task, doc_id)))
-                    pending = still
-                for i in batch:
-                    results[i] = rounds[i]
-                    context, gen_kwargs = requests[i].args[:2]
-                    self.cache_hook.add_partial(
-                        "generate_until_multi_round", (context, gen_kwargs), rounds[i]
+        for settings, batch in self._batches(
+            requests, lambda args: (args[5], args[6], _settings_key(args[1]))
+        ):
+            rounds: dict[int, list[str]] = {i: [] for i in batch}
+            info: dict[int, Any] = {i: None for i in batch}
+            pending = []
+            for i in batch:
+                context, _, doc_to_visual, _, doc_id, task, split = requests[i].args
+                pending.append((i, context, self._visuals(doc_to_visual, task, split, doc_id)))
+            round_idx = 0
+            while pending:
+                rows = []
+                for i, context, images in pending:
+                    doc_id, task = requests[i].args[4:6]
+                    rows.append((i, context, images, f"task {task} doc {doc_id} round {round_idx}: "))
+                for i, text in zip([row[0] for row in rows], self._generate(rows, settings)):
+                    rounds[i].append(text)
+                round_idx += 1
+                still = []
+                for i, _, _ in pending:
+                    _, _, _, doc_to_text, doc_id, task, split = requests[i].args
+                    visuals, context, terminal, round_res, info[i] = doc_to_text(
+                        self.task_dict[task][split][doc_id],
+                        previous_output=list(rounds[i]),
+                        round_idx=round_idx,
+                        previous_round_info=info[i],
                     )
-                bar.update(len(batch))
+                    if round_res is not None:
+                        rounds[i] = list(round_res)
+                    if not terminal:
+                        still.append((i, context, self._check_visuals(visuals, task, doc_id)))
+                pending = still
+            for i in batch:
+                results[i] = rounds[i]
+                context, gen_kwargs = requests[i].args[:2]
+                self.cache_hook.add_partial("generate_until_multi_round", (context, gen_kwargs), rounds[i])
+            bar.update(len(batch))
         bar.close()
         return results
 
