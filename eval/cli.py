@@ -119,7 +119,7 @@ def _common(parser, batch_size: int = 16) -> None:
 def register_eval(subparsers) -> None:
     from eval.tasks import SHAPES_IMAGE_PATTERN
 
-    group = subparsers.add_parser("eval", help="evaluate a model: vqa, caption, chat, t2i")
+    group = subparsers.add_parser("eval", help="evaluate a model: vqa, caption, chat, t2i, tokenizer")
     sub = group.add_subparsers(dest="eval_command", metavar="TASK", required=True)
     pattern_help = f"image file name from its id (default {SHAPES_IMAGE_PATTERN}; COCO: COCO_val2014_{{image_id:012d}}.jpg)"
 
@@ -155,6 +155,10 @@ def register_eval(subparsers) -> None:
     t2i.add_argument("--n", type=int, default=1, help="images per prompt")
     t2i.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 3.0)")
     t2i.set_defaults(func=_eval_t2i)
+
+    from tokenizer.evaluate import register as register_tokenizer_eval
+
+    register_tokenizer_eval(sub, name="tokenizer")
 
 
 def register(subparsers) -> None:

@@ -32,6 +32,8 @@ class EvalSettings:
     """What every model-driven task shares."""
 
     batch_size: int = 16
+    # At most `limit` items, spread evenly over the file (item i * len / limit), so a limited run still covers
+    # every part of it: the shapes-world test split puts its held-out scenes in the second half.
     limit: int | None = None
     max_new_tokens: int = 48
     seed: int = 0
@@ -101,9 +103,15 @@ def _contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], 
         yield batch
 
 
+def spread_subset(items: Sequence[Any], limit: int | None) -> list[Any]:
+    """`limit` items evenly spaced over `items` in their order (all of them when `limit` is None or larger)."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // limit] for i in range(limit)]
+
+
 def _pending(items: Sequence[Any], log: SampleLog, key: Callable[[Any], Any], limit: int | None) -> list[Any]:
-    chosen = list(items[:limit] if limit else items)
-    return [item for item in chosen if key(item) not in log]
+    return [item for item in spread_subset(items, limit) if key(item) not in log]
 
 
 def heldout_image_ids(scenes_jsonl: str | os.PathLike) -> set[int]:

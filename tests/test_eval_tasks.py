@@ -77,7 +77,12 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     assert (metrics["heldout"] is None) == (not held)
     assert json.loads((tmp_path / "vqa_metrics.json").read_text())["all"]["num_questions"] == 6
 
-    # A second run with a larger limit answers only the new questions.
+    # A second run with a larger limit answers only the questions its (evenly spread) subset adds.
+    question_ids = [
+        q["question_id"] for q in json.loads((split / "vqa_questions.json").read_text())["questions"]
+    ]
+    added = set(tasks.spread_subset(question_ids, 8)) - set(tasks.spread_subset(question_ids, 6))
+    assert added and max(tasks.spread_subset(question_ids, 6)) > question_ids[len(question_ids) // 2]
     settings.limit = 8
     tasks.run_vqa(
         model,
@@ -88,7 +93,7 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
         tmp_path,
         settings,
     )
-    assert counter.calls == 8
+    assert counter.calls == 6 + len(added)
 
 
 def test_captions_and_chat_score_logged_outputs(setup, tmp_path):
@@ -114,29 +119,40 @@ def test_chat_scoring_accepts_the_reference_reply(setup, tmp_path, monkeypatch):
     import mllm.generation as generation
     from mllm.generation import ChatReply
 
+    # The oracle knows a conversation by its text alone, so keep chats whose text prefixes are all distinct (one
+    # chat per opening request): then every turn names its record.
+    chats, seen = [], set()
+    for record in json.loads((split / "llava.json").read_text()):
+        opening = record["conversations"][0]["value"]
+        if record["id"].endswith("-chat") and opening not in seen:
+            seen.add(opening)
+            chats.append(record)
+    assert len(chats) >= 2
+    conversations_file = tmp_path / "chats.json"
+    conversations_file.write_text(json.dumps(chats))
+
     def oracle(model, processor, conversations, images, settings):
-        records = {r["id"]: r for r in json.loads((split / "llava.json").read_text())}
         replies = []
         for conversation in conversations:
-            for record in records.values():
+            for record in chats:
                 values = [m["value"] for m in record["conversations"]]
                 n = len(conversation)
-                if record["id"].endswith("-chat") and values[:n] == [m["content"] for m in conversation]:
+                if values[:n] == [m["content"] for m in conversation]:
                     replies.append(ChatReply(values[n].upper(), values[n], []))
                     break
         return replies
 
     monkeypatch.setattr(generation, "generate_chat", oracle)
-    settings = EvalSettings(batch_size=3, limit=5, progress=False)
+    settings = EvalSettings(batch_size=3, limit=None, progress=False)
     assert (
-        tasks.run_chat(model, processor, split / "llava.json", split, tmp_path / "a", settings)["overall"]
+        tasks.run_chat(model, processor, conversations_file, split, tmp_path / "a", settings)["overall"]
         == 100.0
     )
     monkeypatch.setattr(
         generation, "generate_chat", lambda m, p, c, i, s: [ChatReply("a purple moon.", "", []) for _ in c]
     )
     assert (
-        tasks.run_chat(model, processor, split / "llava.json", split, tmp_path / "b", settings)["overall"]
+        tasks.run_chat(model, processor, conversations_file, split, tmp_path / "b", settings)["overall"]
         == 0.0
     )
 
@@ -258,3 +274,18 @@ def test_eval_cli_runs_a_saved_model_and_writes_metrics(setup, tmp_path, capsys)
         == 0
     )
     assert len(list((tmp_path / "t2i" / "t2i_images").glob("*.png"))) == 6
+
+
+def test_a_limit_spreads_over_the_file_so_the_heldout_half_is_scored():
+    from eval.tasks import spread_subset
+
+    assert spread_subset(list(range(10)), 5) == [0, 2, 4, 6, 8]
+    assert spread_subset(list(range(10)), 3) == [0, 3, 6]
+    assert spread_subset(list(range(4)), 10) == [0, 1, 2, 3] and spread_subset(list(range(4)), None) == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    picked = spread_subset(list(range(600)), 7)
+    assert len(set(picked)) == 7 and max(picked) >= 300  # reaches the second half

@@ -302,10 +302,10 @@ def _eval(args) -> int:
     return 0
 
 
-def register(tok_sub) -> None:
-    """Add `dualtoken tokenizer eval`."""
+def register(tok_sub, name: str = "eval") -> None:
+    """Add `dualtoken tokenizer eval` (`eval.cli` adds the same command as `dualtoken eval tokenizer`)."""
     parser = tok_sub.add_parser(
-        "eval",
+        name,
         help="PSNR, SSIM, reconstruction FD, zero-shot and codebook usage of a trained tokenizer",
         description="Evaluate a trained tokenizer on a dataset split: PSNR, SSIM, reconstruction FD (Fréchet "
         "distance on the teacher's pooled SigLIP features), zero-shot top-1 of the semantic path next to the "

@@ -339,7 +339,17 @@ def load_teacher(teacher_dir: str | os.PathLike) -> tuple[SiglipModel, PreTraine
     path = Path(teacher_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"load_teacher: {path} has no config.json (not a teacher directory)")
-    return SiglipModel.from_pretrained(path).eval(), load_text_tokenizer(path)
+    from transformers.utils import logging as hf_logging
+
+    # transformers validates a default SiglipTextConfig (vocab 32000, bos 49406) before the saved one replaces it
+    # and warns about ids out of range; the loaded text config is ours and consistent.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = SiglipModel.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.eval(), load_text_tokenizer(path)
 
 
 def zero_shot_eval(
