@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ class EvalSettings:
     """What every model-driven task shares."""
 
     batch_size: int = 16
-    # At most `limit` items, spread evenly over the file (item i * len / limit), so a limited run still covers
-    # every part of it: the shapes-world test split puts its held-out scenes in the second half.
+    # At most `limit` items, a seeded random subset kept in file order (`spread_subset`), so a limited run still
+    # covers every part of the file (the shapes-world test split puts its held-out scenes in the second half) and
+    # every item kind (a regular stride would alias with the per-image question pattern).
     limit: int | None = None
     max_new_tokens: int = 48
     seed: int = 0
@@ -103,11 +105,12 @@ def _contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], 
         yield batch
 
 
-def spread_subset(items: Sequence[Any], limit: int | None) -> list[Any]:
-    """`limit` items evenly spaced over `items` in their order (all of them when `limit` is None or larger)."""
+def spread_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
+    """`limit` items drawn uniformly without replacement (seeded, so every run and every resume draws the same
+    ones), in their order in `items`; all of them when `limit` is None or not smaller."""
     if not limit or limit >= len(items):
         return list(items)
-    return [items[(i * len(items)) // limit] for i in range(limit)]
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
 def _pending(items: Sequence[Any], log: SampleLog, key: Callable[[Any], Any], limit: int | None) -> list[Any]:

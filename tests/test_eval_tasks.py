@@ -276,16 +276,17 @@ def test_eval_cli_runs_a_saved_model_and_writes_metrics(setup, tmp_path, capsys)
     assert len(list((tmp_path / "t2i" / "t2i_images").glob("*.png"))) == 6
 
 
-def test_a_limit_spreads_over_the_file_so_the_heldout_half_is_scored():
+def test_a_limit_draws_a_seeded_subset_over_the_whole_file():
     from eval.tasks import spread_subset
 
-    assert spread_subset(list(range(10)), 5) == [0, 2, 4, 6, 8]
-    assert spread_subset(list(range(10)), 3) == [0, 3, 6]
+    items = list(range(600))
+    picked = spread_subset(items, 60)
+    assert picked == sorted(set(picked)) and len(picked) == 60 and picked == spread_subset(items, 60)
+    assert min(picked) < 300 <= max(picked)  # reaches the held-out second half of a shapes-world test split
+    assert {i % 3 for i in picked} == {0, 1, 2}  # every question of the per-image pattern, no stride aliasing
     assert spread_subset(list(range(4)), 10) == [0, 1, 2, 3] and spread_subset(list(range(4)), None) == [
         0,
         1,
         2,
         3,
     ]
-    picked = spread_subset(list(range(600)), 7)
-    assert len(set(picked)) == 7 and max(picked) >= 300  # reaches the second half
