@@ -101,7 +101,15 @@ def _eval_t2i(args) -> int:
     overrides = {"cfg_scale": args.cfg} if args.cfg is not None else None
     return _print_metrics(
         run_t2i(
-            model, processor, args.prompts, args.out, _settings(args), args.n, generation_overrides=overrides
+            model,
+            processor,
+            args.prompts,
+            args.out,
+            _settings(args),
+            args.n,
+            generation_overrides=overrides,
+            real_images=args.real_images,
+            teacher_dir=args.teacher,
         )
     )
 
@@ -154,6 +162,13 @@ def register_eval(subparsers) -> None:
     t2i.add_argument("--prompts", required=True, help="prompts JSONL (prompt_id, prompt, tag, heldout, spec)")
     t2i.add_argument("--n", type=int, default=1, help="images per prompt")
     t2i.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 3.0)")
+    t2i.add_argument(
+        "--real-images",
+        help="folder of real PNGs: adds the FD of generated vs real images on teacher SigLIP features",
+    )
+    t2i.add_argument(
+        "--teacher", help="teacher SigLIP directory for the FD (default: the tokenizer's teacher)"
+    )
     t2i.set_defaults(func=_eval_t2i)
 
     from tokenizer.evaluate import register as register_tokenizer_eval

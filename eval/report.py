@@ -258,6 +258,10 @@ def _t2i_section(run: Path) -> list[str]:
                  *(_pct(100 * per_tag[t]) if t in per_tag else "–" for t in T2I_TAG_ORDER))
             )  # fmt: skip
     lines += [_table(("prompts", "samples", "overall", *T2I_TAG_ORDER), rows), ""]
+    fd = metrics.get("fd")
+    if fd:
+        lines += [f"FD of {fd['generated']} generated vs {fd['real']} real test images: **{fd['value']:.1f}** "
+                  f"({fd['features']}).", ""]  # fmt: skip
     samples = {str(r["prompt_id"]): r for r in _read_jsonl(run / "eval" / "t2i_samples.jsonl")}
     verdicts = _read_jsonl(run / "eval" / "t2i_verdicts.jsonl")
     grid = verdict_grid(run / "eval" / "t2i_images", verdicts, samples, run / "eval" / "t2i_grid.png")

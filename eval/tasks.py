@@ -319,9 +319,16 @@ def run_t2i(
     settings: EvalSettings | None = None,
     images_per_prompt: int = 1,
     generation_overrides: Mapping[str, Any] | None = None,
+    real_images: str | os.PathLike | None = None,
+    teacher_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Draw `images_per_prompt` images per prompt spec, save them as PNGs and verify each with the scene parser
-    (GenEval-style accuracy per tag, overall, seen vs held-out)."""
+    (GenEval-style accuracy per tag, overall, seen vs held-out).
+
+    With `real_images` (a folder of PNGs, e.g. the split's `images/`) the metrics add `fd`: the Fréchet distance
+    between the generated and the real images' pooled features of the teacher SigLIP tower (`teacher_dir`, by
+    default the one the model's image tokenizer was distilled from), not Inception features. With few images the
+    covariances are rank-deficient and the number is only comparable between runs of the same size."""
     from eval.t2i_scoring import load_prompt_specs, score_t2i
     from mllm.generation import GenerationSettings, generate_images
 
@@ -372,8 +379,66 @@ def run_t2i(
             paired_images.append(load_image(image_dir / name))
     scored = score_t2i(paired_specs, paired_images, show_progress=settings.progress)
     log_verdicts = out_dir / "t2i_verdicts.jsonl"
+    if real_images is not None:
+        scored["fd"] = generated_vs_real_fd(
+            paired_images, real_images, teacher_dir or _image_tokenizer_teacher(processor)
+        )
     write_json_atomic(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
     tmp = log_verdicts.with_name(f".{log_verdicts.name}.tmp")
     tmp.write_text("".join(json.dumps(v) + "\n" for v in scored["per_sample"]), encoding="utf-8")
     os.replace(tmp, log_verdicts)
     return {k: v for k, v in scored.items() if k != "per_sample"}
+
+
+def _image_tokenizer_teacher(processor) -> Path:
+    source = getattr(getattr(processor.image_tokenizer, "config", None), "_name_or_path", "") or ""
+    metrics = Path(source) / "train_metrics.json"
+    if not metrics.is_file():
+        raise ValueError(
+            "run_t2i: the FD needs a teacher; pass teacher_dir (the model's image tokenizer does not record one: "
+            f"no {metrics})"
+        )
+    return Path(json.loads(metrics.read_text(encoding="utf-8"))["teacher"])
+
+
+def generated_vs_real_fd(
+    generated: Sequence[Any],
+    real_images: str | os.PathLike,
+    teacher_dir: str | os.PathLike,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Fréchet distance between the teacher features of `generated` PIL images and of every PNG in
+    `real_images` (both resized to the teacher's input size)."""
+    import numpy as np
+    import torch
+
+    from eval.image_metrics import frechet_distance
+    from tokenizer.teacher import to_pixel_values
+    from tokenizer.train import load_teacher_tower
+
+    teacher = load_teacher_tower(teacher_dir)
+    size = teacher.config.image_size
+    real = sorted(Path(real_images).glob("*.png"))
+    if len(real) < 2 or len(generated) < 2:
+        raise ValueError(
+            f"generated_vs_real_fd: need >= 2 images on each side, got {len(generated)} and {len(real)}"
+        )
+
+    def features(images):
+        out = []
+        for first in range(0, len(images), batch_size):
+            arrays = [
+                np.asarray((load_image(i) if isinstance(i, Path) else i).convert("RGB").resize((size, size)))
+                for i in images[first : first + batch_size]
+            ]
+            pixels = to_pixel_values(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+            with torch.no_grad():
+                out.append(teacher(pixel_values=pixels).pooler_output.float())
+        return torch.cat(out)
+
+    return {
+        "value": frechet_distance(features(list(generated)), features(real)),
+        "generated": len(generated),
+        "real": len(real),
+        "features": f"teacher SigLIP pooled output ({teacher_dir}), not Inception",
+    }

@@ -290,3 +290,32 @@ def test_a_limit_draws_a_seeded_subset_over_the_whole_file():
         2,
         3,
     ]
+
+
+def test_generated_vs_real_fd_is_zero_for_the_real_set_and_grows_for_noise(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from data_recipes.shapes_dataset import write_shapes_dataset
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    SiglipVisionModel(config).save_pretrained(tmp_path / "teacher")
+    write_shapes_dataset(tmp_path / "data", n=120, size=32, workers=0, verbose=False)
+    real_dir = tmp_path / "data" / "test" / "images"
+    real = [Image.open(p).convert("RGB") for p in sorted(real_dir.glob("*.png"))]
+    same = tasks.generated_vs_real_fd(real, real_dir, tmp_path / "teacher")
+    assert same["generated"] == same["real"] == len(real) and abs(same["value"]) < 1e-3
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in real]
+    assert tasks.generated_vs_real_fd(noise, real_dir, tmp_path / "teacher")["value"] > 1.0
+    with pytest.raises(ValueError, match="need >= 2 images"):
+        tasks.generated_vs_real_fd(real[:1], real_dir, tmp_path / "teacher")
