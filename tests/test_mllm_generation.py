@@ -282,3 +282,22 @@ def test_text_to_image_decodes_through_the_image_tokenizer(text_tokenizer):
         GenerationSettings(max_new_tokens=3),
     )
     assert len(reply.token_ids) <= 3
+
+
+def test_top_k_fast_path_samples_exactly_the_filtered_distribution():
+    from mllm.sampling import filter_logits, sample_logits
+
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    for top_k, top_p, temperature in ((5, 1.0, 1.0), (40, 0.8, 0.7), (1, 0.5, 1.0)):
+        fast = sample_logits(
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=torch.Generator().manual_seed(1),
+        )
+        masked = filter_logits(logits, temperature, top_k, top_p)  # -inf outside the kept set, already scaled
+        slow = sample_logits(masked, temperature=1.0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(fast, slow), (top_k, top_p)
+        kept = torch.isfinite(masked).gather(-1, fast[:, None])
+        assert bool(kept.all())
