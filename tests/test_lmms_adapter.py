@@ -400,7 +400,8 @@ def test_python_m_lmms_eval_runs_the_shapes_task_and_matches_dualtoken_eval_vqa(
         split / "vqa_annotations.json",
         split / "images",
         tmp_path / "own",
-        EvalSettings(batch_size=4, limit=4, max_new_tokens=16, progress=False),
+        # every question: `--limit 4` takes lmms-eval's first four, a run_vqa limit draws a seeded subset
+        EvalSettings(batch_size=4, limit=None, max_new_tokens=16, progress=False),
     )
     own = {}
     for line in (tmp_path / "own" / "vqa_predictions.jsonl").read_text().splitlines():

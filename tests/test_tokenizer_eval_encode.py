@@ -11,10 +11,11 @@ import torch
 from mllm_testing import train_text_tokenizer
 from PIL import Image
 from safetensors.torch import load_file
-from test_tokenizer_train import MICRO_TEACHER, micro_settings
+
+# The micro dataset and teacher fixtures (module scope, one thread) are the training tests' own.
+from test_tokenizer_train import dataset, micro_settings, one_thread, teacher  # noqa: F401
 
 from data_recipes.code_shards import MANIFEST, CodeStore, image_key
-from data_recipes.shapes_dataset import write_shapes_dataset
 from mllm.processor import DualTokenProcessor
 from tokenizer.ablate import ABLATIONS, ablation_overrides, run_ablations, variant_settings
 from tokenizer.encode import dataset_images, decode_store, encode_dataset, load_pixels, load_tokenizer
@@ -28,31 +29,9 @@ from tokenizer.evaluate import (
 )
 from tokenizer.modeling import DualTokenModel
 from tokenizer.presets import preset_fields
-from tokenizer.teacher import TeacherSettings, train_teacher, zero_shot_eval
+from tokenizer.teacher import zero_shot_eval
 from tokenizer.train import train_tokenizer
 from train.data import build_training_data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
-    write_shapes_dataset(root, n=80, size=32, workers=0, verbose=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def teacher(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher") / "teacher"
-    train_teacher(dataset, out, TeacherSettings(**MICRO_TEACHER), progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

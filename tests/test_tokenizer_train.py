@@ -207,13 +207,15 @@ def test_schedule_and_cli_settings():
 
 
 DDP_SCRIPT = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {tests!r})
 from test_tokenizer_train import micro_settings
 from tokenizer.train import train_tokenizer
 metrics = train_tokenizer({data!r}, {out!r}, micro_settings(steps=2, checkpoint_every=2, sample_images=0),
                           teacher_dir={teacher!r}, progress=False)
-print("METRICS", json.dumps({{"processes": metrics["processes"], "loss": metrics["last"]["loss"]}}))
+# One file per rank: the two ranks share one stdout pipe, where their lines can interleave.
+with open({reports!r} + "/rank-" + os.environ["RANK"] + ".json", "w") as handle:
+    json.dump({{"processes": metrics["processes"], "loss": metrics["last"]["loss"]}}, handle)
 """
 
 
@@ -228,14 +230,18 @@ def test_two_cpu_ranks_under_torchrun_share_one_run(dataset, teacher, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_train.py"
     tests = str(Path(__file__).resolve().parent)
-    script.write_text(DDP_SCRIPT.format(tests=tests, data=str(dataset), out=str(out), teacher=str(teacher)))
+    reports_dir = tmp_path / "reports"
+    reports_dir.mkdir()
+    script.write_text(
+        DDP_SCRIPT.format(
+            tests=tests, data=str(dataset), out=str(out), teacher=str(teacher), reports=str(reports_dir)
+        )
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(tests).parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = [
-        json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("METRICS")
-    ]
+    reports = [json.loads(path.read_text()) for path in sorted(reports_dir.glob("rank-*.json"))]
     assert len(reports) == 2 and all(r["processes"] == 2 for r in reports)
     assert reports[0]["loss"] == reports[1]["loss"]
     (step, checkpoint), *_ = checkpoint_dirs(out)
