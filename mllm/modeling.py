@@ -119,6 +119,11 @@ class DualTokenMLLM(PreTrainedModel):
         }
         self.pixel_head = DepthHead(**head_kwargs)
         self.semantic_head = DepthHead(**head_kwargs) if config.use_semantic_head else None
+        self.image_cell_position = (
+            nn.Parameter(torch.zeros(config.grid_size * config.grid_size, hidden))
+            if config.image_position_embedding
+            else None
+        )
         code_shape = (config.codebook_size, config.code_dim)
         self.register_buffer("pixel_code_embedding", torch.zeros(code_shape))
         self.register_buffer("semantic_code_embedding", torch.zeros(code_shape))
@@ -371,10 +376,12 @@ class DualTokenMLLM(PreTrainedModel):
         if semantic_codes is not None and (
             pixel_codes is not None or self.understanding_projector is not None
         ):
-            out = out.index_put(
-                (inputs,),
-                self.understanding_cell_embedding(flat(pixel_codes, inputs), flat(semantic_codes, inputs)),
+            cell_embeds = self.understanding_cell_embedding(
+                flat(pixel_codes, inputs), flat(semantic_codes, inputs)
             )
+            if self.image_cell_position is not None:
+                cell_embeds = cell_embeds + self.image_cell_position.to(cell_embeds.dtype)
+            out = out.index_put((inputs,), cell_embeds)
         return out
 
     def embed_inputs(

@@ -241,6 +241,30 @@ def test_pixel_head_only_ablation(text_tokenizer):
     assert torch.count_nonzero(embedding[:, half:]) == 0 and torch.count_nonzero(embedding[:, :half]) > 0
 
 
+def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_tokenizer, tmp_path):
+    model, processor = build_micro(text_tokenizer, image_position_embedding=True)
+    cells = model.config.grid_size**2
+    assert model.image_cell_position.shape == (cells, model.config.hidden_size)
+    assert torch.count_nonzero(model.image_cell_position) == 0  # zero at init: the plain model's embeddings
+    with torch.no_grad():
+        model.image_cell_position.copy_(torch.randn_like(model.image_cell_position))
+    pixel, semantic = random_codes(model, 6)
+    codes = (pixel[None], semantic[None])
+    output = torch.tensor([True])
+    with torch.no_grad():
+        understood = model.image_embeddings(*codes, ~output)[0]
+        plain = model.understanding_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
+        drawn = model.image_embeddings(*codes, output)[0]
+    assert torch.allclose(understood, plain + model.image_cell_position, atol=1e-6)
+    assert torch.allclose(
+        drawn, model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
+    )
+    assert build_micro(text_tokenizer)[0].image_cell_position is None
+    model.save_pretrained(tmp_path / "model")
+    reloaded = type(model).from_pretrained(tmp_path / "model")
+    assert torch.equal(reloaded.image_cell_position, model.image_cell_position)
+
+
 def test_bad_inputs_raise_clear_errors(micro):
     model, processor = micro
     batch = _batch(model, processor)
