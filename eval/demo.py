@@ -117,13 +117,19 @@ def _zero_shot_summary(result: dict) -> dict:
     }
 
 
+def _tokenizer_settings(ctx: DemoContext):
+    """The tokenizer budget of the demo (the main run and every tokenizer ablation variant share it)."""
+    from tokenizer.train import TokenizerTrainSettings
+
+    overrides = {"steps": ctx.settings.tokenizer_steps} if ctx.settings.tokenizer_steps else {}
+    return TokenizerTrainSettings(seed=ctx.settings.seed, threads=ctx.settings.threads, **overrides)
+
+
 def stage_tokenizer(ctx: DemoContext) -> dict:
-    from tokenizer.train import TokenizerTrainSettings, train_tokenizer
+    from tokenizer.train import train_tokenizer
 
     out = _fresh(ctx.path("tokenizer"))
-    overrides = {"steps": ctx.settings.tokenizer_steps} if ctx.settings.tokenizer_steps else {}
-    settings = TokenizerTrainSettings(seed=ctx.settings.seed, threads=ctx.settings.threads, **overrides)
-    metrics = train_tokenizer(ctx.data_dir, out, settings, teacher_dir=ctx.path("teacher"))
+    metrics = train_tokenizer(ctx.data_dir, out, _tokenizer_settings(ctx), teacher_dir=ctx.path("teacher"))
     return {"tokenizer": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 
 
@@ -157,9 +163,7 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
     return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}
 
 
-def _train_mllm(
-    ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str], codes: Path | None = None
-) -> dict:
+def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str]) -> dict:
     import torch
 
     from train.mllm_train import main as train_main
@@ -171,7 +175,7 @@ def _train_mllm(
         "--config", str(Path(__file__).resolve().parents[1] / "train" / "configs" / config),
         "--llava_files", str(split / "llava.json"),
         "--prompt_files", str(split / "prompts.jsonl"),
-        "--code_store", str(codes or ctx.path("codes") / "train"),
+        "--code_store", str(ctx.path("codes") / "train"),
         "--output_dir", str(output),
         "--max_steps", str(steps),
         "--per_device_train_batch_size", str(ctx.settings.batch_size),
@@ -298,15 +302,12 @@ def stage_ablate_pixel_head(ctx: DemoContext) -> dict:
 
 def stage_ablate_tokenizer(ctx: DemoContext) -> dict:
     from tokenizer.ablate import run_ablations
-    from tokenizer.train import TokenizerTrainSettings
 
-    overrides = {"steps": ctx.settings.tokenizer_steps} if ctx.settings.tokenizer_steps else {}
-    settings = TokenizerTrainSettings(seed=ctx.settings.seed, threads=ctx.settings.threads, **overrides)
     result = run_ablations(
         ctx.data_dir,
         ctx.path("teacher"),
         ctx.path("ablations") / "tokenizer",
-        settings,
+        _tokenizer_settings(ctx),
         existing={"dualtoken": ctx.path("tokenizer")},
     )
     return {
