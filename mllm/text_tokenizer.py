@@ -20,6 +20,7 @@ wrapped as an HF fast tokenizer (`tokenizer.json`, loadable with `AutoTokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -203,6 +204,22 @@ def train_text_tokenizer(
     return load_text_tokenizer(out_dir)
 
 
+@contextlib.contextmanager
+def transformers_errors_only():
+    """Raise transformers' log level to errors for a block. Loading from a teacher directory (a SiglipModel
+    `config.json`) makes transformers validate a default SiglipTextConfig (vocabulary 32000, bos 49406) before the
+    saved one replaces it, and a SiglipModel directory read as a vision tower reports its text weights as
+    unexpected: both are expected here and would only be noise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_text_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerBase:
     """Load a tokenizer directory written by `train_text_tokenizer` (any HF tokenizer directory works)."""
     path = Path(directory)
@@ -210,7 +227,8 @@ def load_text_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerBase
         raise FileNotFoundError(
             f"load_text_tokenizer: {path} holds neither tokenizer.json nor {SPM_MODEL_NAME}"
         )
-    return AutoTokenizer.from_pretrained(path)
+    with transformers_errors_only():
+        return AutoTokenizer.from_pretrained(path)
 
 
 # ---------------------------------------------------------------------------------------------------- corpora

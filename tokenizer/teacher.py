@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
 from data_recipes.shapes_text import POSITION_PHRASES, class_labels
-from mllm.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+from mllm.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
 
 METRICS_NAME = "teacher_metrics.json"
 ZERO_SHOT_NAME = "zero_shot_{split}.json"
@@ -339,16 +339,8 @@ def load_teacher(teacher_dir: str | os.PathLike) -> tuple[SiglipModel, PreTraine
     path = Path(teacher_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"load_teacher: {path} has no config.json (not a teacher directory)")
-    from transformers.utils import logging as hf_logging
-
-    # transformers validates a default SiglipTextConfig (vocab 32000, bos 49406) before the saved one replaces it
-    # and warns about ids out of range; the loaded text config is ours and consistent.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with transformers_errors_only():
         model = SiglipModel.from_pretrained(path)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return model.eval(), load_text_tokenizer(path)
 
 

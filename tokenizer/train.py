@@ -293,19 +293,18 @@ def _frozen(module: nn.Module):
 def load_teacher_tower(teacher_dir: str | os.PathLike) -> nn.Module:
     """The teacher's vision tower (a SiglipVisionModel; text weights of a SiglipModel dir are skipped), frozen."""
     from transformers import SiglipVisionModel
-    from transformers.utils import logging as hf_logging
+
+    from mllm.text_tokenizer import transformers_errors_only
 
     path = Path(teacher_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"teacher {path}: no config.json (expected a SiglipModel / SiglipVisionModel dir)"
         )
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a SiglipModel dir reports its text weights as unexpected: expected here
-    try:
+    with (
+        transformers_errors_only()
+    ):  # a SiglipModel dir reports its text weights as unexpected: expected here
         tower = SiglipVisionModel.from_pretrained(path, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return tower.eval().requires_grad_(False)
 
 
