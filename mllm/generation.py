@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from mllm.depth_head import StackedDepthHeads
 from mllm.modeling import DualTokenMLLM
 from mllm.processor import DualTokenProcessor
 from mllm.sampling import RowGenerators, sample_logits
@@ -205,28 +206,35 @@ def decode_step(model: DualTokenMLLM, state: DecodeState, embeds: torch.Tensor) 
     return out.last_hidden_state[:, -1]
 
 
+def stacked_heads(model: DualTokenMLLM) -> StackedDepthHeads:
+    """The model's depth heads (pixel, then semantic when present) stacked for sampling; build once per call."""
+    heads, tables = [model.pixel_head], [model.pixel_code_embedding]
+    if model.semantic_head is not None:
+        heads.append(model.semantic_head)
+        tables.append(model.semantic_code_embedding)
+    return StackedDepthHeads(heads, tables)
+
+
 def sample_cell(
-    model: DualTokenMLLM,
+    heads: StackedDepthHeads,
     hidden: torch.Tensor,
     settings: GenerationSettings,
     generator: RowGenerators | None,
     cfg_scale: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pixel codes (B, D) then semantic codes (B, D) of one cell per row from the LLM states (one uniform per
-    row per depth per head, pixel depths drawn before semantic depths)."""
-    kwargs = {
-        "cfg_scale": cfg_scale,
-        "temperature": settings.image_temperature,
-        "top_k": settings.image_top_k,
-        "top_p": settings.image_top_p,
-        "generator": generator,
-        "use_cache": settings.use_cache,
-    }
-    pixel = model.pixel_head.sample(hidden, model.pixel_code_embedding, **kwargs)
-    semantic = None
-    if model.semantic_head is not None:
-        semantic = model.semantic_head.sample(hidden, model.semantic_code_embedding, **kwargs)
-    return pixel, semantic
+    """Pixel codes (B, D) and semantic codes (B, D) (None without a semantic head) of one cell per row from the
+    LLM states; both heads run in one batched pass per depth. Each row draws one uniform per depth per head,
+    pixel depths before semantic depths."""
+    codes = heads.sample(
+        hidden,
+        cfg_scale=cfg_scale,
+        temperature=settings.image_temperature,
+        top_k=settings.image_top_k,
+        top_p=settings.image_top_p,
+        generator=generator,
+        use_cache=settings.use_cache,
+    )
+    return codes[0], (codes[1] if len(codes) > 1 else None)
 
 
 # ---------------------------------------------------------------------- text-to-image
@@ -263,12 +271,13 @@ def generate_images(
         )
         prefill_seconds = time.perf_counter() - start
         pixel_cells, semantic_cells = [], []
+        heads = stacked_heads(model)
         start = time.perf_counter()
         heads_seconds = 0.0
         for cell in range(cells):
             heads_start = time.perf_counter()
             pixel, semantic = sample_cell(
-                model, hidden, settings, generator, settings.cfg_scale if use_cfg else None
+                heads, hidden, settings, generator, settings.cfg_scale if use_cfg else None
             )
             heads_seconds += time.perf_counter() - heads_start
             pixel_cells.append(pixel)
@@ -366,6 +375,7 @@ def generate_chat(
     generated: list[list[int]] = [[] for _ in range(rows)]
     text_count = [0] * rows
     drawn: list[list[tuple[list[torch.Tensor], list[torch.Tensor | None]]]] = [[] for _ in range(rows)]
+    heads: StackedDepthHeads | None = None  # built when the first image starts
     with _eval_mode(model):
         hidden, state = prefill(
             model,
@@ -408,7 +418,9 @@ def generate_chat(
             embeds = embed(torch.tensor(next_ids, device=device))
             if image_rows:
                 row_generator = generator.select(image_rows) if generator is not None else None
-                pixel, semantic = sample_cell(model, hidden[image_rows], settings, row_generator, None)
+                if heads is None:
+                    heads = stacked_heads(model)
+                pixel, semantic = sample_cell(heads, hidden[image_rows], settings, row_generator, None)
                 embeds[image_rows] = model.output_cell_embedding(pixel, semantic).to(embeds.dtype)
                 for i, r in enumerate(image_rows):
                     pixels, semantics = drawn[r][-1]

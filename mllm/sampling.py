@@ -40,9 +40,11 @@ class RowGenerators:
         """The generators of a subset of rows (same objects: their streams advance together)."""
         return RowGenerators([self.generators[r] for r in rows])
 
-    def uniform(self, device: torch.device | str) -> torch.Tensor:
-        """One U[0,1) sample per row, shape (rows,), float32 on `device`."""
-        draws = [torch.rand((), generator=g, device=g.device) for g in self.generators]
+    def uniform(self, device: torch.device | str, count: int | None = None) -> torch.Tensor:
+        """One U[0,1) sample per row, shape (rows,), or `count` consecutive samples of each row's stream,
+        shape (rows, count) (the same numbers `count` single draws give); float32 on `device`."""
+        shape = () if count is None else (count,)
+        draws = [torch.rand(shape, generator=g, device=g.device) for g in self.generators]
         return torch.stack(draws).to(device=device, dtype=torch.float32)
 
 
@@ -99,8 +101,11 @@ def sample_logits(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: RowGenerators | torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one id per row from (rows, vocab) logits; `temperature <= 0` means greedy argmax.
+
+    `uniforms` (rows,), drawn beforehand, replace the draw from `generator`.
 
     Sampling draws one uniform per row (see `row_uniforms`) and inverts the CDF of the filtered distribution
     taken in descending-probability order, so with `RowGenerators` the result depends only on that row's logits
@@ -121,7 +126,9 @@ def sample_logits(
         filtered = filter_logits(logits, temperature, top_k, top_p)
         probs, order = torch.sort(filtered.softmax(-1), dim=-1, descending=True)
     cdf = probs.cumsum(-1)
-    u = row_uniforms(generator, logits.shape[0], logits.device).unsqueeze(-1) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = row_uniforms(generator, logits.shape[0], logits.device)
+    u = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
     # Never land on a filtered-out (zero-probability) tail entry because of rounding in the cumulative sum.
     kept = (probs > 0).sum(-1, keepdim=True) - 1

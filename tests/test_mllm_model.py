@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mllm_testing import build_micro, random_codes, train_text_tokenizer
 from transformers.cache_utils import DynamicCache
 
-from mllm.depth_head import DepthHead
+from mllm.depth_head import DepthHead, StackedDepthHeads
 from mllm.generation import DecodeState, decode_step
 from mllm.sampling import RowGenerators, cfg_mix
 from mllm.sequence import positions_from_mask
@@ -135,6 +135,30 @@ def test_depth_head_sampling_without_the_depth_cache_gives_the_same_codes():
         for flag in (True, False)
     ]
     assert torch.equal(*sampled)
+
+
+def test_stacked_heads_decode_each_head_as_it_would_alone():
+    torch.manual_seed(4)
+    pixel, semantic = _random_head(), _random_head()
+    pixel_table, semantic_table = torch.randn(32, 8), torch.randn(32, 8)
+    cond, uncond = torch.randn(3, 16), torch.randn(3, 16)
+    hidden = torch.cat([cond, uncond])
+    stack = StackedDepthHeads([pixel, semantic], [pixel_table, semantic_table])
+    # Greedy with CFG: every head's codes are the argmax of its own teacher-forced guided logits.
+    for use_cache in (True, False):
+        greedy = stack.sample(hidden, cfg_scale=2.0, temperature=0.0, use_cache=use_cache)
+        for head, table, codes in zip((pixel, semantic), (pixel_table, semantic_table), greedy):
+            with torch.no_grad():
+                guided = cfg_mix(torch.cat([head(cond, codes, table), head(uncond, codes, table)]), 2.0)
+            assert torch.equal(guided.argmax(-1), codes)
+    # Sampled: a row draws the pixel depths first, so the pixel head matches the pixel head sampled alone.
+    kwargs = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 20}
+    both = stack.sample(hidden, generator=RowGenerators.from_seed(11, 3), **kwargs)
+    alone = pixel.sample(hidden, pixel_table, generator=RowGenerators.from_seed(11, 3), **kwargs)
+    assert torch.equal(both[0], alone)
+    assert not torch.equal(
+        both[1], semantic.sample(hidden, semantic_table, generator=RowGenerators.from_seed(11, 3), **kwargs)
+    )
 
 
 def test_cfg_scale_one_equals_conditional_only_sampling():
