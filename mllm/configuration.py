@@ -43,8 +43,9 @@ class DualTokenMLLMConfig(PretrainedConfig):
         grid_size / image_size: the h (= w) of a code grid and the pixel size of decoded images.
         understanding_tokens: "semantic" or "semantic+pixel" (see the module docstring).
         use_semantic_head: False builds the "pixel head only" ablation (no semantic head, semantic half zeros).
-        image_position_embedding: add a learned embedding per grid cell (h*w x hidden, zero at init) to input-image
-            cells, so the LLM sees where a cell is without counting raster positions through RoPE.
+        image_position_embedding: add a learned embedding per grid cell (h*w x hidden, 2-D sine-cosine at init,
+            `modeling.grid_sincos`) to input-image cells, so the LLM sees where a cell is without counting raster
+            positions through RoPE.
         depth_head_layers / depth_head_width / depth_head_heads: depth-transformer size (width and heads default
             to the LLM hidden size and head count); depth_head_mlp_ratio and depth_head_dropout as in a GPT block.
         projector_act: activation inside the 2-layer code MLPs.

@@ -50,6 +50,22 @@ class DualTokenMLLMOutput(ModelOutput):
     semantic_logits: torch.Tensor | None = None
 
 
+def grid_sincos(grid: int, width: int, rms: float = 0.05) -> torch.Tensor:
+    """Fixed 2-D sine-cosine embedding of an h x w grid (row code in the first half of the width, column code in
+    the second, as in ViT/MAE), (grid*grid, width), scaled to `rms` per entry: the start value of the learned
+    per-cell position embedding, so every cell's place is readable from the first step."""
+    quarter = width // 4
+    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    axis = torch.arange(grid, dtype=torch.float64)[:, None] * freq  # (grid, quarter)
+    axis = torch.cat([axis.sin(), axis.cos()], dim=1)  # (grid, 2*quarter)
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    table = torch.zeros(grid, grid, width, dtype=torch.float64)
+    table[..., : 4 * quarter] = torch.cat([rows, cols], dim=-1)
+    table = table.reshape(grid * grid, width)
+    return (table * (rms / table.pow(2).mean().sqrt())).float()
+
+
 class CodeMLP(nn.Module):
     """2-layer MLP from a summed code embedding to (part of) the LLM width."""
 
@@ -135,6 +151,8 @@ class DualTokenMLLM(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if module is self and self.image_cell_position is not None:
+            self.image_cell_position.copy_(grid_sincos(self.config.grid_size, self.config.hidden_size))
         if isinstance(module, DepthHead):
             init.normal_(module.depth_position, mean=0.0, std=std)
             init.normal_(module.classifier_weight, mean=0.0, std=std)

@@ -269,7 +269,16 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     model, processor = build_micro(text_tokenizer, image_position_embedding=True)
     cells = model.config.grid_size**2
     assert model.image_cell_position.shape == (cells, model.config.hidden_size)
-    assert torch.count_nonzero(model.image_cell_position) == 0  # zero at init: the plain model's embeddings
+    # 2-D sine-cosine start: every cell distinct, cells of one row share the row half, of one column the other.
+    start = model.image_cell_position.detach().view(model.config.grid_size, model.config.grid_size, -1)
+    half = model.config.hidden_size // 2
+    assert torch.cdist(start.flatten(0, 1), start.flatten(0, 1)).add(torch.eye(cells)).min() > 0
+    assert torch.equal(start[1, 0, :half], start[1, 2, :half]) and not torch.equal(
+        start[1, 0, half:], start[1, 2, half:]
+    )
+    assert torch.equal(start[0, 1, half:], start[2, 1, half:]) and not torch.equal(
+        start[0, 1, :half], start[2, 1, :half]
+    )
     with torch.no_grad():
         model.image_cell_position.copy_(torch.randn_like(model.image_cell_position))
     pixel, semantic = random_codes(model, 6)
