@@ -156,28 +156,26 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _StackedLinear:
-    """n `nn.Linear`s of one shape applied to (n, M, in) inputs with one batched matmul."""
+    """n `nn.Linear`s of one shape applied to (n, M, in) inputs with one batched matmul. With `norms`, the
+    LayerNorms in front of them are folded in: LN(x) W + c = LN0(x) (g W) + (b W + c), where LN0 is the
+    LayerNorm without its affine (g, b), so the caller normalises with `_layer_norm` and saves one op."""
 
-    def __init__(self, layers: list[nn.Linear]):
-        self.weight = _stack([layer.weight.t() for layer in layers]).contiguous()  # (n, in, out)
-        self.bias = _stack([layer.bias for layer in layers]).unsqueeze(1)  # (n, 1, out)
+    def __init__(self, layers: list[nn.Linear], norms: list[nn.LayerNorm] | None = None):
+        weight = _stack([layer.weight.t() for layer in layers])  # (n, in, out)
+        bias = _stack([layer.bias for layer in layers]).unsqueeze(1)  # (n, 1, out)
+        if norms is not None:
+            gain = _stack([norm.weight for norm in norms])  # (n, in)
+            shift = _stack([norm.bias for norm in norms]).unsqueeze(1)  # (n, 1, in)
+            bias = bias + torch.bmm(shift, weight)
+            weight = gain.unsqueeze(-1) * weight
+        self.weight, self.bias = weight.contiguous(), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class _StackedLayerNorm:
-    def __init__(self, norms: list[nn.LayerNorm]):
-        self.shape, self.eps = norms[0].normalized_shape, norms[0].eps
-        self.weight = _stack([norm.weight for norm in norms])
-        self.bias = _stack([norm.bias for norm in norms])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, ..., width)."""
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return torch.addcmul(
-            self.bias.view(shape), F.layer_norm(x, self.shape, eps=self.eps), self.weight.view(shape)
-        )
+def _layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
 class StackedDepthHeads:
@@ -199,43 +197,51 @@ class StackedDepthHeads:
         self.hidden_in = _StackedLinear([h.hidden_in for h in heads])
         self.code_in = _StackedLinear([h.code_in for h in heads])
         self.depth_position = _stack([h.depth_position for h in heads])  # (n, D, width)
+        self.eps = first.norm.eps
         self.blocks = [
             {
-                "ln_attn": _StackedLayerNorm([h.blocks[i].ln_attn for h in heads]),
-                "qkv": _StackedLinear([h.blocks[i].attn.qkv for h in heads]),
+                "qkv": _StackedLinear(
+                    [h.blocks[i].attn.qkv for h in heads], [h.blocks[i].ln_attn for h in heads]
+                ),
                 "proj": _StackedLinear([h.blocks[i].attn.proj for h in heads]),
-                "ln_mlp": _StackedLayerNorm([h.blocks[i].ln_mlp for h in heads]),
-                "fc1": _StackedLinear([h.blocks[i].mlp[0] for h in heads]),
+                "fc1": _StackedLinear(
+                    [h.blocks[i].mlp[0] for h in heads], [h.blocks[i].ln_mlp for h in heads]
+                ),
                 "fc2": _StackedLinear([h.blocks[i].mlp[2] for h in heads]),
             }
             for i in range(len(first.blocks))
         ]
-        self.norm = _StackedLayerNorm([h.norm for h in heads])
-        self.classifier_weight = _stack([h.classifier_weight for h in heads])  # (n, D, width, K)
-        self.classifier_bias = _stack([h.classifier_bias for h in heads]).unsqueeze(2)  # (n, D, 1, K)
+        # One classifier per depth, with the final LayerNorm's affine folded in: (n, D, width, K), (n, D, 1, K).
+        gain = _stack([h.norm.weight for h in heads])[:, None, :, None]
+        shift = _stack([h.norm.bias for h in heads])[:, None, None, :]
+        weight = _stack([h.classifier_weight for h in heads])
+        self.classifier_bias = _stack([h.classifier_bias for h in heads]).unsqueeze(2) + shift @ weight
+        self.classifier_weight = (gain * weight).contiguous()
         self.code_embeddings = _stack([table.float() for table in code_embeddings])  # (n, K, code_dim)
 
-    def _attention(self, block: dict, x: torch.Tensor, cache: list[torch.Tensor] | None) -> torch.Tensor:
-        """x (n, M, S, width): S new depth steps (S == 1 with a cache, which grows in place)."""
+    def _attention(self, block: dict, x: torch.Tensor, cache: torch.Tensor | None, step: int) -> torch.Tensor:
+        """x (n, M, S, width): the depth steps to run. With `cache` (a preallocated (2, n*M, heads, D, head_dim)
+        key/value buffer) x holds the one new step `step`, written into the buffer in place."""
         n, rows, steps, width = x.shape
         qkv = block["qkv"](x.reshape(n, rows * steps, width))
         q, k, v = qkv.view(n * rows, steps, 3, self.attn_heads, -1).transpose(1, 3).unbind(2)
         if cache is not None:
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
+            cache[0, :, :, step] = k[:, :, 0]
+            cache[1, :, :, step] = v[:, :, 0]
+            k, v = cache[0, :, :, : step + 1], cache[1, :, :, : step + 1]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None)
         return block["proj"](out.transpose(1, 2).reshape(n, rows * steps, width)).view(n, rows, steps, width)
 
-    def _features(self, x: torch.Tensor, caches: list[list[torch.Tensor]] | None) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, caches: list[torch.Tensor] | None, step: int) -> torch.Tensor:
         """(n, M, S, width) embedded depth steps -> normalised features of the last step (n, M, width)."""
         n, rows, steps, width = x.shape
         for i, block in enumerate(self.blocks):
-            x = x + self._attention(block, block["ln_attn"](x), caches[i] if caches is not None else None)
+            cache = caches[i] if caches is not None else None
+            x = x + self._attention(block, _layer_norm(x, self.eps), cache, step)
             flat = x.reshape(n, rows * steps, width)
-            flat = flat + block["fc2"](F.gelu(block["fc1"](block["ln_mlp"](flat))))
+            flat = flat + block["fc2"](F.gelu(block["fc1"](_layer_norm(flat, self.eps))))
             x = flat.view(n, rows, steps, width)
-        return self.norm(x[:, :, -1])
+        return _layer_norm(x[:, :, -1], self.eps)
 
     def _uniforms(self, generator, rows: int, device: torch.device) -> torch.Tensor:
         """(n, D, rows) uniforms in the order one-head-at-a-time sampling would draw them."""
@@ -270,7 +276,9 @@ class StackedDepthHeads:
         codes = torch.zeros(n, rows, self.depth, dtype=torch.long, device=hidden.device)
         stacked = hidden.unsqueeze(0).expand(n, -1, -1).to(self.hidden_in.weight.dtype)
         steps = [self.hidden_in(stacked)]  # embedded depth inputs, each (n, total, width) before positions
-        caches = [[] for _ in self.blocks] if use_cache else None
+        width = self.depth_position.shape[-1]
+        cache_shape = (2, n * total, self.attn_heads, self.depth, width // self.attn_heads)
+        caches = [stacked.new_empty(cache_shape) for _ in self.blocks] if use_cache else None
         running = hidden.new_zeros(n, total, self.code_embeddings.shape[-1], dtype=torch.float32)
         heads = torch.arange(n, device=hidden.device)[:, None]
         for d in range(self.depth):
@@ -278,10 +286,10 @@ class StackedDepthHeads:
                 x = (steps[-1] + self.depth_position[:, d, None]).unsqueeze(2)
             else:
                 x = torch.stack(steps, dim=2) + self.depth_position[:, None, : d + 1]
-            features = self._features(x, caches)
+            features = self._features(x, caches, d)
             logits = torch.baddbmm(self.classifier_bias[:, d], features, self.classifier_weight[:, d])
-            if cfg_scale is not None:
-                logits = torch.stack([cfg_mix(head_logits, cfg_scale) for head_logits in logits])
+            if cfg_scale is not None:  # the halves are rows: mix along dim 1 of (n, 2B, K)
+                logits = cfg_mix(logits.transpose(0, 1), cfg_scale).transpose(0, 1)
             choice = sample_logits(
                 logits.reshape(n * rows, -1),
                 temperature=temperature,

@@ -60,7 +60,7 @@ def cfg_mix(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     cond, uncond = logits.chunk(2, dim=0)
     if cfg_scale == 1.0:
         return cond
-    return uncond + cfg_scale * (cond - uncond)
+    return torch.lerp(uncond, cond, cfg_scale)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
