@@ -182,7 +182,8 @@ class StackedDepthHeads:
     """Sampling-time view of depth heads of one shape (the pixel and the semantic head) with their weights
     stacked on a leading head axis, so each depth step runs every head in one batched pass: half the small
     kernel calls of running the heads one after the other, which is what a generated cell costs at the tiny
-    preset. Build it once per generation call (it copies the heads' weights); it does not follow later updates.
+    preset. Build it once per generation call: it copies the heads' transformer weights (not their classifiers),
+    so it does not follow later updates.
 
     Randomness: each row draws its uniforms for a whole cell at once, head by head and depth by depth (pixel
     depths before semantic depths), which is the order in which sampling the heads one after the other draws them.
@@ -211,12 +212,11 @@ class StackedDepthHeads:
             }
             for i in range(len(first.blocks))
         ]
-        # One classifier per depth, with the final LayerNorm's affine folded in: (n, D, width, K), (n, D, 1, K).
-        gain = _stack([h.norm.weight for h in heads])[:, None, :, None]
-        shift = _stack([h.norm.bias for h in heads])[:, None, None, :]
-        weight = _stack([h.classifier_weight for h in heads])
-        self.classifier_bias = _stack([h.classifier_bias for h in heads]).unsqueeze(2) + shift @ weight
-        self.classifier_weight = (gain * weight).contiguous()
+        # The final LayerNorm's affine stays explicit and the classifiers are used in place (no copy): at the paper
+        # preset they hold D x width x K = 134M weights per head.
+        self.norm_weight = _stack([h.norm.weight for h in heads]).unsqueeze(1)  # (n, 1, width)
+        self.norm_bias = _stack([h.norm.bias for h in heads]).unsqueeze(1)
+        self.classifiers = [(h.classifier_weight, h.classifier_bias) for h in heads]  # (D, width, K), (D, K)
         self.code_embeddings = _stack([table.float() for table in code_embeddings])  # (n, K, code_dim)
 
     def _attention(self, block: dict, x: torch.Tensor, cache: torch.Tensor | None, step: int) -> torch.Tensor:
@@ -241,7 +241,7 @@ class StackedDepthHeads:
             flat = x.reshape(n, rows * steps, width)
             flat = flat + block["fc2"](F.gelu(block["fc1"](_layer_norm(flat, self.eps))))
             x = flat.view(n, rows, steps, width)
-        return _layer_norm(x[:, :, -1], self.eps)
+        return torch.addcmul(self.norm_bias, _layer_norm(x[:, :, -1], self.eps), self.norm_weight)
 
     def _uniforms(self, generator, rows: int, device: torch.device) -> torch.Tensor:
         """(n, D, rows) uniforms in the order one-head-at-a-time sampling would draw them."""
@@ -287,7 +287,12 @@ class StackedDepthHeads:
             else:
                 x = torch.stack(steps, dim=2) + self.depth_position[:, None, : d + 1]
             features = self._features(x, caches, d)
-            logits = torch.baddbmm(self.classifier_bias[:, d], features, self.classifier_weight[:, d])
+            logits = torch.stack(
+                [
+                    torch.addmm(bias[d], features[i], weight[d])
+                    for i, (weight, bias) in enumerate(self.classifiers)
+                ]
+            )
             if cfg_scale is not None:  # the halves are rows: mix along dim 1 of (n, 2B, K)
                 logits = cfg_mix(logits.transpose(0, 1), cfg_scale).transpose(0, 1)
             choice = sample_logits(
