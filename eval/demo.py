@@ -8,13 +8,14 @@ interrupted demo continues where it stopped. `--from STAGE` forces that stage an
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mllm.atomic_io import atomic_write_json
 
 
 @dataclass
@@ -56,13 +57,6 @@ class Stage:
     name: str
     description: str
     run: Callable[[DemoContext], dict]
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def _fresh(path: Path) -> Path:
@@ -183,7 +177,7 @@ def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: 
         *extra,
     ]  # fmt: skip
     trainer = train_main(argv)
-    _write_json_atomic(output / "log_history.json", trainer.state.log_history)
+    atomic_write_json(output / "log_history.json", trainer.state.log_history)
     history = [row for row in trainer.state.log_history if "loss" in row or "train_loss" in row]
     throughput = (
         json.loads((output / "throughput.json").read_text()) if (output / "throughput.json").exists() else {}
@@ -402,7 +396,7 @@ def run_demo(
         summary = stage.run(ctx)
         elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         ctx.summaries[stage.name] = summary
-        _write_json_atomic(
+        atomic_write_json(
             marker, {"summary": summary, "seconds": elapsed, "cpu_seconds": cpu, "settings": asdict(settings)}
         )
         line = json.dumps(summary, default=str)

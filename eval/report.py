@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from mllm.atomic_io import atomic_write_text
+
 T2I_TAG_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -297,8 +299,4 @@ def write_report(run: str | os.PathLike, summaries: Mapping[str, dict]) -> Path:
     ]
     if curves:
         lines += ["## Training curves", "", "![training curves](eval/training_curves.png)", ""]
-    path = run / "REPORT.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(run / "REPORT.md", "\n".join(lines) + "\n")

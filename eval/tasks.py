@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data_recipes.image_io import load_image
 from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
+from mllm.atomic_io import atomic_save_png, atomic_write_json, atomic_write_text
 
 SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
 
@@ -63,9 +64,7 @@ class SampleLog:
             self._rewrite()  # drop a torn tail so later appends start on a clean line
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows.values()), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
     def __contains__(self, sample_id: object) -> bool:
         return str(sample_id) in self.rows
@@ -78,14 +77,6 @@ class SampleLog:
                 self.rows[str(row[self.key])] = row
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -191,7 +182,7 @@ def run_vqa(
                 if part
                 else None
             )
-    write_json_atomic(out_dir / "vqa_metrics.json", metrics)
+    atomic_write_json(out_dir / "vqa_metrics.json", metrics)
     return metrics
 
 
@@ -231,7 +222,7 @@ def run_captions(
     predictions = {row["image_id"]: row["caption"] for row in log.rows.values()}
     result = evaluate_captions(predictions, coco, subset=True)
     metrics = {k: v for k, v in result.items() if k != "per_image"}
-    write_json_atomic(out_dir / "caption_metrics.json", metrics)
+    atomic_write_json(out_dir / "caption_metrics.json", metrics)
     return metrics
 
 
@@ -306,7 +297,7 @@ def run_chat(
         "per_turn": {str(t + 1): 100.0 * sum(v) / len(v) for t, v in sorted(per_turn.items())},
         "num_turns": len(flat),
     }
-    write_json_atomic(out_dir / "chat_metrics.json", metrics)
+    atomic_write_json(out_dir / "chat_metrics.json", metrics)
     return metrics
 
 
@@ -362,10 +353,7 @@ def run_t2i(
         for spec, images in zip(batch, result.images):
             files = []
             for j, image in enumerate(images):
-                path = image_dir / f"{spec['prompt_id']}_{j}.png"
-                tmp = path.with_name(f".{path.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, path)
+                path = atomic_save_png(image, image_dir / f"{spec['prompt_id']}_{j}.png")
                 files.append(path.name)
             rows.append({"prompt_id": spec["prompt_id"], "files": files})
         log.extend(rows)
@@ -383,10 +371,8 @@ def run_t2i(
         scored["fd"] = generated_vs_real_fd(
             paired_images, real_images, teacher_dir or _image_tokenizer_teacher(processor)
         )
-    write_json_atomic(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
-    tmp = log_verdicts.with_name(f".{log_verdicts.name}.tmp")
-    tmp.write_text("".join(json.dumps(v) + "\n" for v in scored["per_sample"]), encoding="utf-8")
-    os.replace(tmp, log_verdicts)
+    atomic_write_json(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
+    atomic_write_text(log_verdicts, "".join(json.dumps(v) + "\n" for v in scored["per_sample"]))
     return {k: v for k, v in scored.items() if k != "per_sample"}
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mllm.atomic_io import atomic_save_png
+
 DEFAULT_MODEL_DIR = Path("runs/demo/mllm")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -355,14 +357,6 @@ def _thumbnail(image: Any) -> Any:
     return copy
 
 
-def _save_png(image: Any, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return str(path)
-
-
 class DemoEngine:
     """The model, processor and limits behind the app; every model call holds one lock."""
 
@@ -425,7 +419,7 @@ class DemoEngine:
             codes = [(pixel[i], semantic[i]) for i in range(len(images))]
         index = len(session.turns)
         paths = [
-            _save_png(_thumbnail(image), self.session_dir(session) / f"user{index:03d}_{k}.png")
+            str(atomic_save_png(_thumbnail(image), self.session_dir(session) / f"user{index:03d}_{k}.png"))
             for k, image in enumerate(images)
         ]
         turn = ChatTurn(text, paths, codes)
@@ -502,7 +496,7 @@ class DemoEngine:
                 segments.append(("text", segment))
             elif hasattr(segment, "save"):  # a decoded PIL image
                 name = f"reply{index:03d}_{turn.attempt}_{drawn}.png"
-                segments.append(("image", _save_png(segment, self.session_dir(session) / name)))
+                segments.append(("image", str(atomic_save_png(segment, self.session_dir(session) / name))))
                 drawn += 1
         turn.reply = ChatReplyRecord(reply.content, list(reply.codes), segments)
         yield reply.text
@@ -525,7 +519,9 @@ class DemoEngine:
             result = generate_images(self.model, self.processor, [prompt], settings, progress=progress)
         out = self.workdir / "t2i" / uuid.uuid4().hex
         return [
-            GeneratedImage(_save_png(image, out / f"image{j}_seed{settings.seed + j}.png"), settings.seed + j)
+            GeneratedImage(
+                str(atomic_save_png(image, out / f"image{j}_seed{settings.seed + j}.png")), settings.seed + j
+            )
             for j, image in enumerate(result.images[0])
         ]
 

@@ -1,12 +1,42 @@
-"""Atomic writes of checkpoint directories: build in a temporary sibling, then rename into place."""
+"""Atomic writes: checkpoint directories built in a temporary sibling and renamed into place, and single files
+(text, JSON, PNG) written under a temporary name and renamed, so a file that exists is always complete."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` on a temporary sibling of `path` (parents created), then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """JSON with sorted keys, indented; values JSON cannot hold are written as their str()."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_save_png(image: Any, path: str | os.PathLike) -> Path:
+    """A PIL image as PNG."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def atomic_directory_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:

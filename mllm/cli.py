@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mllm.atomic_io import atomic_save_png
+
 # `dualtoken mllm <name>`: (name, module, function taking the `mllm` subparsers). A module that is absent from
 # this checkout leaves a stub that explains so; add further utilities (e.g. merge-lora) as one line each.
 MLLM_SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -107,16 +109,6 @@ def _run(name: str, function, args: argparse.Namespace) -> int:
     except CliError as error:
         print(f"dualtoken {name}: error: {error}", file=sys.stderr)
         return 2
-
-
-def _save_png(image: Any, path: Path) -> None:
-    """Write a PIL image as PNG through a temporary name, so a file that exists is complete."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- ask
@@ -276,7 +268,7 @@ class ChatSession:
             path = None
             if k < len(images):
                 target = self.image_dir / f"turn{self.turn:03d}_{k}.png"
-                _save_png(images[k], target)
+                atomic_save_png(images[k], target)
                 path = str(target)
                 paths.append(path)
             self.records.append({"path": path, "source": "model"})
@@ -407,7 +399,7 @@ def _generate(args: argparse.Namespace) -> int:
                 files = []
                 for j, image in enumerate(result.images[offset] if result.images else []):
                     name = f"images/{index:05d}_{j}.png"
-                    _save_png(image, out / name)
+                    atomic_save_png(image, out / name)
                     files.append(name)
                 seeds = [args.seed + index * args.n + j for j in range(args.n)]
                 extra = {k: v for k, v in row.items() if k not in ("index", "files", "codes", "seeds")}

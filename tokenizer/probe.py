@@ -196,9 +196,9 @@ def _probe(args) -> int:
         print(f"dualtoken tokenizer probe: error: {error}", file=sys.stderr)
         return 2
     if args.out:
-        from eval.tasks import write_json_atomic
+        from mllm.atomic_io import atomic_write_json
 
-        write_json_atomic(args.out, result)
+        atomic_write_json(args.out, result)
     print(format_probe(result))
     return 0
 

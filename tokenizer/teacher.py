@@ -51,6 +51,7 @@ from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
 from data_recipes.shapes_text import POSITION_PHRASES, class_labels
+from mllm.atomic_io import atomic_write_text
 from mllm.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
 
 METRICS_NAME = "teacher_metrics.json"
@@ -602,7 +603,4 @@ def _summary_writer(path: Path):
 def write_zero_shot(teacher_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
     """Store a zero-shot result next to the teacher as zero_shot_<split>.json (atomic file replace)."""
     path = Path(teacher_dir) / ZERO_SHOT_NAME.format(split=result["split"])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")

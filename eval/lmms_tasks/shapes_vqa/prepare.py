@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from eval.tasks import SHAPES_IMAGE_PATTERN, heldout_image_ids
+from mllm.atomic_io import atomic_write_text
 
 TEMPLATE = Path(__file__).resolve().with_name("shapes_vqa_template.yaml")
 TASK_NAME = "shapes_vqa"
@@ -93,19 +94,13 @@ def vqa_records(
     return records
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare_task(split_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the data file and the task YAML into `out_dir`; return the YAML's path."""
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     records = vqa_records(split_dir)
     data = out / DATA_NAME
-    _write_atomic(data, "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in records))
     task = {
         "include": str(TEMPLATE),
         "task": TASK_NAME,
@@ -113,7 +108,7 @@ def prepare_task(split_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     }
     header = f"# Written by eval.lmms_tasks.shapes_vqa.prepare from {Path(split_dir).resolve()}.\n"
     config = out / YAML_NAME
-    _write_atomic(config, header + yaml.safe_dump(task, sort_keys=False))
+    atomic_write_text(config, header + yaml.safe_dump(task, sort_keys=False))
     return config
 
 
