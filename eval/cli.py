@@ -118,7 +118,12 @@ def _common(parser, batch_size: int = 16) -> None:
     parser.add_argument("--model", required=True, help="a saved DualTokenMLLM directory")
     parser.add_argument("--out", required=True, help="output directory (per-sample JSONL + metrics JSON)")
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate N samples: a seeded random subset, kept in file order",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
