@@ -18,6 +18,7 @@ def _demo(args) -> int:
             "stage1_steps",
             "stage2_steps",
             "batch_size",
+            "probe_steps",
             "threads",
         )
         if getattr(args, name) is not None
@@ -197,6 +198,7 @@ def register(subparsers) -> None:
     budget.add_argument("--stage1-steps", type=int, help="MLLM stage 1 (projectors + heads) steps")
     budget.add_argument("--stage2-steps", type=int, help="MLLM stage 2 (everything) steps")
     budget.add_argument("--batch-size", type=int, help="MLLM batch size")
+    budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument("--eval-limit", type=int, help="samples per evaluation task")
     budget.add_argument("--threads", type=int, help="torch threads")
     demo.add_argument(

@@ -35,6 +35,7 @@ class DemoSettings:
     eval_captions: int = 100
     eval_chat: int = 150
     eval_t2i: int = 120
+    probe_steps: int = 1500  # optimizer steps per code probe (tokenizer_eval)
     threads: int = 2
 
 
@@ -129,11 +130,17 @@ def stage_tokenizer(ctx: DemoContext) -> dict:
 
 def stage_tokenizer_eval(ctx: DemoContext) -> dict:
     from tokenizer.evaluate import evaluate_tokenizer
+    from tokenizer.probe import probe_tokenizer
 
     out = _fresh(ctx.path("eval_tokenizer"))
     metrics = evaluate_tokenizer(
         ctx.path("tokenizer"), ctx.data_dir, ctx.path("teacher"), split="test", out_dir=out
     )
+    # What the codes carry per scene cell and about position (the ceiling of what the MLLM can read from them).
+    probe = probe_tokenizer(
+        ctx.path("tokenizer"), ctx.data_dir, split="train", limit=2000, seed=ctx.settings.seed
+    )
+    atomic_write_json(out / "probe.json", probe)
     return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
@@ -332,7 +339,7 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "tokenizer_eval",
-        "PSNR, SSIM, FD, zero-shot and codebook usage on the test split",
+        "PSNR, SSIM, FD, zero-shot and codebook usage on the test split; probes of what the codes carry",
         stage_tokenizer_eval,
     ),
     Stage("encode", "pre-tokenize the train split into pixel + semantic code shards", stage_encode),

@@ -144,6 +144,22 @@ def _tokenizer_section(run: Path, summaries: Mapping[str, dict]) -> list[str]:
         lines += [_table(("metric", "value"), [(k, f"{v:.4g}") for k, v in sorted(flat.items())]), ""]
     if (run / "eval_tokenizer" / "reconstructions.png").exists():
         lines += ["Originals and reconstructions (test split): ![](eval_tokenizer/reconstructions.png)", ""]
+    probe = _read_json(run / "eval_tokenizer" / "probe.json")
+    if probe:
+        rows = [
+            (branch, *(_pct(100 * probe[branch][k]) for k in ("cell_color", "cell_shape", "cell_empty", "token_row", "token_row_chance")))
+            for branch in ("pixel", "semantic")
+            if branch in probe
+        ]  # fmt: skip
+        lines += [
+            f"What the codes carry (`dualtoken tokenizer probe`: MLP probes fitted on {probe['images'] - probe['test_images']} "
+            f"{probe['split']} images, scored on {probe['test_images']} others): the object in each scene cell from "
+            "the latents of the cell's tokens, and a token's own grid row from its latent alone. This bounds what "
+            "the MLLM can read from its visual input (accuracy, %).",
+            "",
+            _table(("codes", "cell color", "cell shape", "cell empty", "token row", "row chance"), rows),
+            "",
+        ]  # fmt: skip
     return lines
 
 

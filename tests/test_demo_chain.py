@@ -6,7 +6,7 @@ import json
 
 from mllm.console import main
 
-MICRO = ["--scenes", "240", "--teacher-steps", "4", "--tokenizer-steps", "3", "--stage1-steps", "2",
+MICRO = ["--scenes", "240", "--teacher-steps", "4", "--tokenizer-steps", "3", "--probe-steps", "20", "--stage1-steps", "2",
          "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--threads", "1"]  # fmt: skip
 
 
@@ -30,6 +30,9 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     for heading in ("## Tokenizer", "## VQA", "## Captions", "## Multi-turn chat", "## Text-to-image"):
         assert heading in report
     assert (out / "eval_tokenizer" / "reconstructions.png").exists() and "reconstructions.png" in report
+    probe = json.loads((out / "eval_tokenizer" / "probe.json").read_text())
+    assert probe["split"] == "train" and probe["images"] == 216 and {"pixel", "semantic"} <= set(probe)
+    assert "What the codes carry" in report and "| semantic |" in report
     assert json.loads((out / "eval" / "vqa_metrics.json").read_text())["all"]["num_questions"] == 4
     fd = json.loads((out / "eval" / "t2i_metrics.json").read_text())["fd"]
     assert fd["generated"] == 4 and fd["value"] >= 0 and "FD of 4 generated" in report
