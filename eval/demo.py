@@ -35,7 +35,7 @@ class DemoSettings:
     eval_captions: int = 100
     eval_chat: int = 150
     eval_t2i: int = 120
-    probe_steps: int = 1500  # optimizer steps per code probe (tokenizer_eval)
+    probe_steps: int = 800  # optimizer steps per code probe (tokenizer_eval, 2,000 train images)
     threads: int = 2
 
 
