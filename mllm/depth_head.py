@@ -10,7 +10,8 @@ One head per DualToken branch (pixel, semantic), following VILA-U's RQ-Transform
 
 Training is teacher forced over depth (`forward`). Sampling goes through `StackedDepthHeads`: the pixel and the
 semantic head with their weights stacked, both decoded in one batched pass per depth with a depth KV cache (each
-step runs one new position through the blocks). The heads run D steps per generated cell, so at the tiny preset
+step runs one new position through the blocks; CFG mixes the classifier's input, which equals mixing its logits
+because the classifier is affine, at half the classifier rows). The heads run D steps per generated cell, so at the tiny preset
 (a 4-layer LLM) they cost more than the LLM decode step itself; stacking the two heads made image decoding about
 1.8x faster at batch 8, and recomputing the depth prefix instead of caching (D(D+1)/2 positions per cell) is
 about 1.3-2x slower.
@@ -170,8 +171,9 @@ class _StackedLinear:
             weight = gain.unsqueeze(-1) * weight
         self.weight, self.bias = weight.contiguous(), bias
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, M, in) -> (n, M, out); `bias` (n, 1, out) replaces the layer's own."""
+        return torch.baddbmm(self.bias if bias is None else bias, x, self.weight)
 
 
 def _layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -197,7 +199,16 @@ class StackedDepthHeads:
         self.attn_heads = first.blocks[0].attn.heads
         self.hidden_in = _StackedLinear([h.hidden_in for h in heads])
         self.code_in = _StackedLinear([h.code_in for h in heads])
-        self.depth_position = _stack([h.depth_position for h in heads])  # (n, D, width)
+        # The depth position embedding is folded into the input projections' biases: depth 0 is the projected
+        # LLM state, depth d >= 1 the projected partial sum; (n, D, 1, width).
+        position = _stack([h.depth_position for h in heads]).unsqueeze(2)
+        self.input_bias = torch.cat(
+            [
+                self.hidden_in.bias.unsqueeze(1) + position[:, :1],
+                self.code_in.bias.unsqueeze(1) + position[:, 1:],
+            ],
+            dim=1,
+        )
         self.eps = first.norm.eps
         self.blocks = [
             {
@@ -275,28 +286,26 @@ class StackedDepthHeads:
         uniforms = self._uniforms(generator, rows, hidden.device) if temperature > 0 else None
         codes = torch.zeros(n, rows, self.depth, dtype=torch.long, device=hidden.device)
         stacked = hidden.unsqueeze(0).expand(n, -1, -1).to(self.hidden_in.weight.dtype)
-        steps = [self.hidden_in(stacked)]  # embedded depth inputs, each (n, total, width) before positions
-        width = self.depth_position.shape[-1]
+        # Embedded depth inputs (positions included), each (n, total, width).
+        steps = [self.hidden_in(stacked, self.input_bias[:, 0])]
+        width = self.input_bias.shape[-1]
         cache_shape = (2, n * total, self.attn_heads, self.depth, width // self.attn_heads)
         caches = [stacked.new_empty(cache_shape) for _ in self.blocks] if use_cache else None
         running = hidden.new_zeros(n, total, self.code_embeddings.shape[-1], dtype=torch.float32)
         heads = torch.arange(n, device=hidden.device)[:, None]
+        weight, _ = self.classifiers[0]
+        logits = weight.new_empty(n, rows, weight.shape[-1])
         for d in range(self.depth):
-            if use_cache:
-                x = (steps[-1] + self.depth_position[:, d, None]).unsqueeze(2)
-            else:
-                x = torch.stack(steps, dim=2) + self.depth_position[:, None, : d + 1]
+            x = steps[-1].unsqueeze(2) if use_cache else torch.stack(steps, dim=2)
             features = self._features(x, caches, d)
-            logits = torch.stack(
-                [
-                    torch.addmm(bias[d], features[i], weight[d])
-                    for i, (weight, bias) in enumerate(self.classifiers)
-                ]
-            )
-            if cfg_scale is not None:  # the halves are rows: mix along dim 1 of (n, 2B, K)
-                logits = cfg_mix(logits.transpose(0, 1), cfg_scale).transpose(0, 1)
+            if cfg_scale is not None:
+                # The classifier is affine, so guiding its input equals guiding its logits:
+                # W(u + s(c - u)) + b = (Wu + b) + s((Wc + b) - (Wu + b)); half the classifier rows.
+                features = cfg_mix(features.transpose(0, 1), cfg_scale).transpose(0, 1)
+            for i, (weight, bias) in enumerate(self.classifiers):
+                torch.addmm(bias[d], features[i], weight[d], out=logits[i])
             choice = sample_logits(
-                logits.reshape(n * rows, -1),
+                logits.view(n * rows, -1),
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
@@ -306,5 +315,5 @@ class StackedDepthHeads:
             if d + 1 < self.depth:
                 fed = choice.repeat(1, 2) if cfg_scale is not None else choice
                 running = running + self.code_embeddings[heads, fed]
-                steps.append(self.code_in(running.to(stacked.dtype)))
+                steps.append(self.code_in(running.to(stacked.dtype), self.input_bias[:, d + 1]))
         return list(codes.unbind(0))

@@ -207,12 +207,28 @@ def decode_step(model: DualTokenMLLM, state: DecodeState, embeds: torch.Tensor) 
 
 
 def stacked_heads(model: DualTokenMLLM) -> StackedDepthHeads:
-    """The model's depth heads (pixel, then semantic when present) stacked for sampling; build once per call."""
+    """The model's depth heads (pixel, then semantic when present) stacked for sampling.
+
+    The stacked copy is kept on the model and reused while every tensor it was built from is unchanged: the same
+    object, storage, dtype and version counter (in-place updates such as optimizer steps or `load_state_dict` bump
+    it), so generating during training or after `.to()` never samples from stale weights.
+    """
     heads, tables = [model.pixel_head], [model.pixel_code_embedding]
     if model.semantic_head is not None:
         heads.append(model.semantic_head)
         tables.append(model.semantic_code_embedding)
-    return StackedDepthHeads(heads, tables)
+    sources = [p for head in heads for p in head.parameters()] + tables
+    key = [(t, t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
+    kept = getattr(model, "_stacked_heads", None)
+    if (
+        kept is not None
+        and len(kept[0]) == len(key)
+        and all(old[0] is new[0] and old[1:] == new[1:] for old, new in zip(kept[0], key))
+    ):
+        return kept[1]
+    stacked = StackedDepthHeads(heads, tables)
+    model._stacked_heads = (key, stacked)
+    return stacked
 
 
 def sample_cell(

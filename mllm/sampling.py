@@ -118,19 +118,36 @@ def sample_logits(
         # work on k values instead of sorting the whole vocabulary twice (the image heads sample 2*D times per
         # cell). Exactly k candidates stay (ties at the k-th value are broken by `topk`).
         values, order = torch.topk(logits.float() / max(temperature, 1e-6), top_k, dim=-1)
-        if 0.0 < top_p < 1.0:
-            probs = values.softmax(-1)
-            values = values.masked_fill((probs.cumsum(-1) - probs) >= top_p, float("-inf"))
         probs = values.softmax(-1)
+        cdf = probs.cumsum(-1)
+        # The kept candidates are a prefix of the sorted ones: top-p keeps a token while the mass strictly
+        # before it is below top_p. Sampling inverts the CDF over that prefix (no renormalising softmax).
+        kept = top_k if not 0.0 < top_p < 1.0 else ((cdf - probs) < top_p).sum(-1, keepdim=True)
+        return _invert_cdf(cdf, order, kept, logits.shape[0], generator, uniforms)
     else:
         filtered = filter_logits(logits, temperature, top_k, top_p)
         probs, order = torch.sort(filtered.softmax(-1), dim=-1, descending=True)
-    cdf = probs.cumsum(-1)
+    # Filtered-out entries have probability 0 and sort last, so the kept ones are a prefix here too.
+    return _invert_cdf(
+        probs.cumsum(-1), order, (probs > 0).sum(-1, keepdim=True), logits.shape[0], generator, uniforms
+    )
+
+
+def _invert_cdf(
+    cdf: torch.Tensor,
+    order: torch.Tensor,
+    kept: torch.Tensor | int,
+    rows: int,
+    generator: RowGenerators | torch.Generator | None,
+    uniforms: torch.Tensor | None,
+) -> torch.Tensor:
+    """Inverse-CDF sampling over the first `kept` (per row, or one int) candidates of descending-probability
+    lists: `cdf` (rows, n) is their cumulative probability, `order` (rows, n) their ids."""
     if uniforms is None:
-        uniforms = row_uniforms(generator, logits.shape[0], logits.device)
-    u = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
-    index = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
-    # Never land on a filtered-out (zero-probability) tail entry because of rounding in the cumulative sum.
-    kept = (probs > 0).sum(-1, keepdim=True) - 1
-    index = torch.minimum(index, kept)
+        uniforms = row_uniforms(generator, rows, cdf.device)
+    last = kept - 1
+    total = cdf[:, -1:] if isinstance(kept, int) else cdf.gather(-1, last)
+    u = uniforms.to(cdf.dtype).unsqueeze(-1) * total
+    # Clamp: rounding in the cumulative sum must never land past the last kept candidate.
+    index = torch.searchsorted(cdf, u, right=True).clamp_(max=last)
     return order.gather(-1, index).squeeze(-1)

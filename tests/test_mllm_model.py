@@ -10,7 +10,7 @@ from mllm_testing import build_micro, random_codes, train_text_tokenizer
 from transformers.cache_utils import DynamicCache
 
 from mllm.depth_head import DepthHead, StackedDepthHeads
-from mllm.generation import DecodeState, decode_step
+from mllm.generation import DecodeState, decode_step, stacked_heads
 from mllm.sampling import RowGenerators, cfg_mix
 from mllm.sequence import positions_from_mask
 
@@ -159,6 +159,27 @@ def test_stacked_heads_decode_each_head_as_it_would_alone():
     assert not torch.equal(
         both[1], semantic.sample(hidden, semantic_table, generator=RowGenerators.from_seed(11, 3), **kwargs)
     )
+
+
+def test_stacked_heads_are_reused_until_a_head_weight_changes(text_tokenizer):
+    model, _ = build_micro(text_tokenizer)
+    hidden = torch.randn(2, model.config.hidden_size)
+    first = stacked_heads(model)
+    assert stacked_heads(model) is first
+    greedy = first.sample(hidden, temperature=0.0)
+    with torch.no_grad():  # an in-place update, as an optimizer step makes
+        model.semantic_head.blocks[0].mlp[0].weight.mul_(-3.0)
+        model.semantic_head.hidden_in.bias.add_(1.0)
+    second = stacked_heads(model)
+    assert second is not first
+    changed = second.sample(hidden, temperature=0.0)
+    assert torch.equal(changed[0], greedy[0]) and not torch.equal(changed[1], greedy[1])
+    with torch.no_grad():
+        expected = model.semantic_head.sample(hidden, model.semantic_code_embedding, temperature=0.0)
+    assert torch.equal(changed[1], expected)
+    model.double()  # a new dtype (the storage changes under the same Parameter objects)
+    third = stacked_heads(model)
+    assert third is not second and third.hidden_in.weight.dtype == torch.float64
 
 
 def test_cfg_scale_one_equals_conditional_only_sampling():
