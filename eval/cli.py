@@ -111,6 +111,7 @@ def _eval_t2i(args) -> int:
             generation_overrides=overrides,
             real_images=args.real_images,
             teacher_dir=args.teacher,
+            reference=args.reference,
         )
     )
 
@@ -174,6 +175,12 @@ def register_eval(subparsers) -> None:
     )
     t2i.add_argument(
         "--teacher", help="teacher SigLIP directory for the FD (default: the tokenizer's teacher)"
+    )
+    t2i.add_argument(
+        "--reference",
+        action="store_true",
+        help="also score each prompt's own image ('file' in its spec) and its reconstruction through the "
+        "image tokenizer: the ceiling of the metric for this tokenizer",
     )
     t2i.set_defaults(func=_eval_t2i)
 

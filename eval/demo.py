@@ -243,6 +243,7 @@ def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path) -> dict:
         EvalSettings(batch_size=16, limit=s.eval_t2i, seed=s.seed),
         real_images=ctx.data_dir / "test" / "images",
         teacher_dir=ctx.path("teacher"),
+        reference=True,
     )
 
 

@@ -266,16 +266,31 @@ def _t2i_section(run: Path) -> list[str]:
     if not metrics:
         return []
     lines = ["## Text-to-image (GenEval-style, verified by the scene parser)", ""]
+    reference = metrics.get("reference") or {}
+    parts = [(part, metrics.get(part)) for part in ("all", "seen", "heldout")]
+    parts += [("reference: the prompts' own images", reference.get("real")),
+              ("reference: their DualToken reconstructions", reference.get("reconstructed"))]  # fmt: skip
     rows = []
-    for part in ("all", "seen", "heldout"):
-        summary = metrics.get(part)
+    for label, summary in parts:
         if summary:
             per_tag = summary.get("per_tag", {})
             rows.append(
-                (part, summary.get("num_samples", "–"), _pct(100 * summary["overall"]),
+                (label, summary.get("num_samples", "–"), _pct(100 * summary["overall"]),
                  *(_pct(100 * per_tag[t]) if t in per_tag else "–" for t in T2I_TAG_ORDER))
             )  # fmt: skip
     lines += [_table(("prompts", "samples", "overall", *T2I_TAG_ORDER), rows), ""]
+    if reference:
+        lines += ["The reference rows run the same check on the data itself: the reconstructed row is the most a "
+                  "generator can score through this tokenizer's pixel decoder.", ""]  # fmt: skip
+    use = reference.get("caption_use")
+    if use:
+        own, shifted = use["own_caption"], use["shifted_caption"]
+        heads = [h for h in ("pixel", "semantic") if h in own]
+        lines += ["Caption use: the model's image cross-entropy on those images (nats per code, "
+                  f"{' / '.join(heads)} head) with their own captions "
+                  f"**{' / '.join(f'{own[h]:.3f}' for h in heads)}**, with another prompt's caption "
+                  f"**{' / '.join(f'{shifted[h]:.3f}' for h in heads)}** (equal numbers: the generator ignores "
+                  "the caption).", ""]  # fmt: skip
     fd = metrics.get("fd")
     if fd:
         lines += [f"FD of {fd['generated']} generated vs {fd['real']} real test images: **{fd['value']:.1f}** "

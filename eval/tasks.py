@@ -312,9 +312,17 @@ def run_t2i(
     generation_overrides: Mapping[str, Any] | None = None,
     real_images: str | os.PathLike | None = None,
     teacher_dir: str | os.PathLike | None = None,
+    reference: bool = False,
 ) -> dict[str, Any]:
     """Draw `images_per_prompt` images per prompt spec, save them as PNGs and verify each with the scene parser
     (GenEval-style accuracy per tag, overall, seen vs held-out).
+
+    With `reference`, the metrics add `reference`: the same check on each scored prompt's own image (its spec's
+    `file`, relative to the prompts file's folder) and on that image's reconstruction through the model's image
+    tokenizer, i.e. what a generator that reproduced the data exactly would score with and without the
+    tokenizer's loss (the ceiling of this metric for this tokenizer); and `caption_use`: the model's image
+    cross-entropy on those images with their own captions and with the captions shifted by one prompt (equal
+    numbers mean the generator ignores the caption).
 
     With `real_images` (a folder of PNGs, e.g. the split's `images/`) the metrics add `fd`: the Fréchet distance
     between the generated and the real images' pooled features of the teacher SigLIP tower (`teacher_dir`, by
@@ -371,9 +379,77 @@ def run_t2i(
         scored["fd"] = generated_vs_real_fd(
             paired_images, real_images, teacher_dir or _image_tokenizer_teacher(processor)
         )
+    if reference:
+        scored["reference"] = t2i_reference_scores(
+            processor, [by_id[str(i)] for i in log.rows], Path(prompts_jsonl).parent, settings, model
+        )
     atomic_write_json(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
     atomic_write_text(log_verdicts, "".join(json.dumps(v) + "\n" for v in scored["per_sample"]))
     return {k: v for k, v in scored.items() if k != "per_sample"}
+
+
+def t2i_reference_scores(
+    processor,
+    specs: Sequence[Mapping[str, Any]],
+    root: Path,
+    settings: EvalSettings,
+    model=None,
+) -> dict[str, Any]:
+    """{"real": summary, "reconstructed": summary}: the T2I check on the specs' own images (`root / spec["file"]`)
+    and on their reconstructions through `processor`'s image tokenizer (pixel codes -> pixel decoder). With
+    `model`, also "caption_use" (see `caption_use_losses`)."""
+    from eval.t2i_scoring import score_t2i
+    from mllm.generation import decode_codes
+
+    paired = [spec for spec in specs if spec.get("file")]
+    if not paired:
+        raise ValueError(f"T2I reference: none of the {len(specs)} prompt specs names its image ('file')")
+    real = [load_image(root / spec["file"]) for spec in paired]
+    reconstructed, codes = [], []
+    bar = _progress(len(real), "t2i reference", settings)
+    for start in range(0, len(real), settings.batch_size):
+        pixel_codes, semantic_codes = processor.encode_images(real[start : start + settings.batch_size])
+        reconstructed += decode_codes(processor, pixel_codes)
+        codes += list(zip(pixel_codes, semantic_codes))
+        bar.update(len(pixel_codes))
+    bar.close()
+    result = {
+        name: score_t2i(paired, images, show_progress=False)["all"]
+        for name, images in (("real", real), ("reconstructed", reconstructed))
+    }
+    if model is not None and len(paired) > 1:
+        result["caption_use"] = caption_use_losses(
+            model, processor, [spec["prompt"] for spec in paired], codes, settings.batch_size
+        )
+    return result
+
+
+def caption_use_losses(
+    model, processor, captions: Sequence[str], codes: Sequence[Any], batch_size: int
+) -> dict[str, dict[str, float]]:
+    """The model's image cross-entropy (per head, nats per code) on images given as codes, once with each image's
+    own caption and once with the captions shifted by one (every image gets another prompt's caption)."""
+    import torch
+
+    from mllm.generation import eval_mode
+
+    def losses(texts: Sequence[str]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for start in range(0, len(texts), batch_size):
+            chunk = range(start, min(start + batch_size, len(texts)))
+            batch = processor.collate([processor.t2i_example(texts[i], codes[i]) for i in chunk])
+            out = model(**{k: v.to(model.device) for k, v in batch.items()})
+            for head in ("pixel", "semantic"):
+                value = getattr(out, f"loss_{head}", None)
+                if value is not None:
+                    totals[head] = totals.get(head, 0.0) + float(value) * len(chunk)
+        return {head: total / len(texts) for head, total in totals.items()}
+
+    with torch.no_grad(), eval_mode(model):
+        return {
+            "own_caption": losses(captions),
+            "shifted_caption": losses([*captions[1:], captions[0]]),
+        }
 
 
 def _image_tokenizer_teacher(processor) -> Path:

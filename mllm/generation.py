@@ -280,7 +280,7 @@ def generate_images(
     input_ids, attention_mask = pad_sequences(prompts, model.config.pad_token_id, side="left")
     generator = _row_generators(settings.seed, rows, device) if settings.image_temperature > 0 else None
     cells = model.config.num_image_positions
-    with _eval_mode(model):
+    with eval_mode(model):
         start = time.perf_counter()
         hidden, state = prefill(
             model, input_ids.to(device), attention_mask.to(device), use_cache=settings.use_cache
@@ -392,7 +392,7 @@ def generate_chat(
     text_count = [0] * rows
     drawn: list[list[tuple[list[torch.Tensor], list[torch.Tensor | None]]]] = [[] for _ in range(rows)]
     heads: StackedDepthHeads | None = None  # built when the first image starts
-    with _eval_mode(model):
+    with eval_mode(model):
         hidden, state = prefill(
             model,
             batch["input_ids"].to(device),
@@ -572,7 +572,7 @@ def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | Non
     return None if tensor is None else tensor.to(device)
 
 
-class _eval_mode:
+class eval_mode:
     """Context manager: eval mode inside (no dropout), the previous mode restored after."""
 
     def __init__(self, model: torch.nn.Module):

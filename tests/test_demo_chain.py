@@ -36,6 +36,8 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert json.loads((out / "eval" / "vqa_metrics.json").read_text())["all"]["num_questions"] == 4
     fd = json.loads((out / "eval" / "t2i_metrics.json").read_text())["fd"]
     assert fd["generated"] == 4 and fd["value"] >= 0 and "FD of 4 generated" in report
+    reference = json.loads((out / "eval" / "t2i_metrics.json").read_text())["reference"]
+    assert reference["real"]["num_samples"] == 4 and "| reference: the prompts' own images | 4 |" in report
     capsys.readouterr()
     # A second run reuses every finished stage; --from reruns the report only.
     assert main(["demo", "--out", str(out), *MICRO, "--from", "report"]) == 0

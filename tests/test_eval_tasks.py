@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from mllm_testing import build_micro, tiny_image_tokenizer, train_text_tokenizer
+from mllm_testing import build_micro, random_codes, tiny_image_tokenizer, train_text_tokenizer
 from PIL import Image
 
 from data_recipes.shapes_dataset import write_shapes_dataset
@@ -201,6 +201,34 @@ def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path)
         json.loads(line) for line in (tmp_path / "one" / "t2i_verdicts.jsonl").read_text().splitlines()
     ]
     assert len(verdicts) == 3 and all(isinstance(v["satisfied"], bool) for v in verdicts)
+
+
+def test_t2i_reference_scores_the_prompts_own_images_and_their_reconstructions(setup, tmp_path):
+    data, model, processor = setup
+    settings = EvalSettings(batch_size=3, limit=4, progress=False)
+    metrics = tasks.run_t2i(
+        model, processor, data / "test" / "prompts.jsonl", tmp_path, settings, generation_overrides=EXACT,
+        reference=True,
+    )  # fmt: skip
+    real, reconstructed = metrics["reference"]["real"], metrics["reference"]["reconstructed"]
+    assert real["num_samples"] == reconstructed["num_samples"] == 4
+    assert real["overall"] == 1.0  # the parser verifies every prompt on the image it was written from
+    assert (
+        reconstructed["overall"] < 1.0
+    )  # the micro tokenizer is untrained: its reconstructions are not the data
+    saved = json.loads((tmp_path / "t2i_metrics.json").read_text())
+    assert saved["reference"] == metrics["reference"]
+    use = metrics["reference"]["caption_use"]
+    assert set(use["own_caption"]) == {"pixel", "semantic"}
+    # The micro model is random: a caption changes its image losses, in one direction or the other.
+    assert use["own_caption"]["pixel"] != use["shifted_caption"]["pixel"]
+    codes = [random_codes(model, seed) for seed in range(3)]
+    same = tasks.caption_use_losses(model, processor, ["a red circle"] * 3, codes, batch_size=2)
+    assert same["own_caption"] == pytest.approx(same["shifted_caption"], abs=1e-6)
+
+    specs = [json.loads(line) for line in (data / "test" / "prompts.jsonl").read_text().splitlines()[:2]]
+    with pytest.raises(ValueError, match="'file'"):
+        tasks.t2i_reference_scores(processor, [{**s, "file": None} for s in specs], data / "test", settings)
 
 
 def test_sample_log_drops_a_torn_last_line_and_rejects_corruption_elsewhere(tmp_path):
