@@ -65,6 +65,7 @@ def _eval_vqa(args) -> int:
             _settings(args),
             image_pattern=args.image_pattern,
             heldout_images=heldout,
+            shuffled_images=args.shuffled_images,
         )
     )
 
@@ -145,6 +146,11 @@ def register_eval(subparsers) -> None:
     vqa.add_argument("--image-root", required=True)
     vqa.add_argument("--image-pattern", default=SHAPES_IMAGE_PATTERN, help=pattern_help)
     vqa.add_argument("--scenes", help="shapes-world scenes.jsonl: report held-out combinations separately")
+    vqa.add_argument(
+        "--shuffled-images",
+        action="store_true",
+        help="also answer every question with another image of the set (a control: what the question alone gives)",
+    )
     vqa.set_defaults(func=_eval_vqa)
 
     caption = sub.add_parser("caption", help="CIDEr-D and BLEU-4 on a COCO-captions file (pure Python)")

@@ -227,7 +227,7 @@ def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:
     return run_vqa(
         model, processor, test / "vqa_questions.json", test / "vqa_annotations.json", test / "images", out,
         EvalSettings(batch_size=32, limit=s.eval_vqa, max_new_tokens=8, seed=s.seed),
-        heldout_images=heldout_image_ids(test / "scenes.jsonl"),
+        heldout_images=heldout_image_ids(test / "scenes.jsonl"), shuffled_images=True,
     )  # fmt: skip
 
 

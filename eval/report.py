@@ -207,19 +207,27 @@ def _vqa_section(run: Path) -> list[str]:
         return []
     lines = ["## VQA (VQAv2 accuracy, test split)", ""]
     types = sorted(metrics["all"]["per_question_type"])
-    rows = []
-    for part in ("all", "seen", "heldout"):
-        m = metrics.get(part)
-        if m:
-            rows.append(
-                (
-                    part,
-                    m["num_questions"],
-                    _pct(m["overall"]),
-                    *(_pct(m["per_question_type"].get(t)) for t in types),
-                )
-            )
+
+    def row(name: str, m: dict) -> tuple:
+        return (
+            name,
+            m["num_questions"],
+            _pct(m["overall"]),
+            *(_pct(m["per_question_type"].get(t)) for t in types),
+        )
+
+    rows = [row(part, metrics[part]) for part in ("all", "seen", "heldout") if metrics.get(part)]
+    control = metrics.get("shuffled_images")
+    if control:
+        rows.append(row("all, shuffled images (control)", control))
     lines += [_table(("combinations", "questions", "overall", *types), rows), ""]
+    if control:
+        lines += [
+            "The control row asks the same questions with another test image in place of each question's own: "
+            "what a question type keeps there comes from the question alone, and only the gap to the `all` row "
+            "is read from the image.",
+            "",
+        ]
     examples = _read_jsonl(run / "eval" / "vqa_predictions.jsonl", limit=8)
     if examples:
         lines += [

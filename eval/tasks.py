@@ -8,6 +8,8 @@ never recomputed), then scores the whole file with the metric modules (`eval.vqa
 Images are resolved as ``image_root / image_pattern.format(image_id=...)``; the default pattern is the
 shapes-world layout (``{image_id:07d}.png``), COCO uses ``COCO_val2014_{image_id:012d}.jpg``. Held-out attribute
 combinations are scored separately when the caller passes the held-out image ids (shapes world: `scenes.jsonl`).
+`run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set;
+`run_t2i(..., reference=True)` scores the prompts' own images and their reconstructions.
 """
 
 from __future__ import annotations
@@ -141,36 +143,31 @@ def run_vqa(
     settings: EvalSettings | None = None,
     image_pattern: str = SHAPES_IMAGE_PATTERN,
     heldout_images: set[int] | None = None,
+    shuffled_images: bool = False,
 ) -> dict[str, Any]:
-    """Answer every VQAv2 question (short-answer prompt, greedy) and score with the official VQA accuracy."""
+    """Answer every VQAv2 question (short-answer prompt, greedy) and score with the official VQA accuracy.
+
+    `shuffled_images`: also answer every question with another image of the evaluated set (`shuffled_image_ids`)
+    into `vqa_shuffled_predictions.jsonl`, scored against the same annotations as `metrics["shuffled_images"]`.
+    What a question type keeps there is what the question alone gives; the gap to the real images is what the
+    model reads from the image.
+    """
     from eval.vqa_accuracy import evaluate_vqa
-    from mllm.generation import generate_chat
 
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
     questions = json.loads(Path(questions_json).read_text(encoding="utf-8"))["questions"]
-    log = SampleLog(out_dir / "vqa_predictions.jsonl", "question_id")
-    todo = _pending(questions, log, lambda q: q["question_id"], settings.limit)
-    bar = _progress(len(todo), "vqa", settings)
-    for batch in _batches(todo, settings.batch_size):
-        images = [
-            [load_image(Path(image_root) / image_pattern.format(image_id=q["image_id"]))] for q in batch
-        ]
-        conversations = [
-            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in batch
-        ]
-        replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
-        log.extend(
-            {
-                "question_id": q["question_id"],
-                "image_id": q["image_id"],
-                "question": q["question"],
-                "answer": r.text,
-            }
-            for q, r in zip(batch, replies)
-        )
-        bar.update(len(batch))
-    bar.close()
+    subset = spread_subset(questions, settings.limit)
+    log = _answer_vqa(
+        model,
+        processor,
+        subset,
+        out_dir / "vqa_predictions.jsonl",
+        image_root,
+        image_pattern,
+        settings,
+        "vqa",
+    )
     predictions = {row["question_id"]: row["answer"] for row in log.rows.values()}
     metrics = {"all": _vqa_summary(evaluate_vqa(predictions, questions_json, annotations_json, subset=True))}
     if heldout_images is not None:
@@ -182,8 +179,66 @@ def run_vqa(
                 if part
                 else None
             )
+    if shuffled_images:
+        other = shuffled_image_ids([q["image_id"] for q in subset])
+        swapped = [{**q, "shown_image_id": other[q["image_id"]]} for q in subset]
+        control = _answer_vqa(
+            model, processor, swapped, out_dir / "vqa_shuffled_predictions.jsonl", image_root, image_pattern,
+            settings, "vqa (shuffled images)",
+        )  # fmt: skip
+        answers = {row["question_id"]: row["answer"] for row in control.rows.values()}
+        metrics["shuffled_images"] = _vqa_summary(
+            evaluate_vqa(answers, questions_json, annotations_json, subset=True)
+        )
     atomic_write_json(out_dir / "vqa_metrics.json", metrics)
     return metrics
+
+
+def shuffled_image_ids(image_ids: Iterable[int]) -> dict[int, int]:
+    """Each distinct image id -> the next one in sorted order (the last -> the first): a fixed pairing in which no
+    question keeps its own image."""
+    ids = sorted(set(image_ids))
+    if len(ids) < 2:
+        raise ValueError("shuffled images need questions on at least two different images")
+    return dict(zip(ids, ids[1:] + ids[:1]))
+
+
+def _answer_vqa(
+    model,
+    processor,
+    questions: Sequence[Mapping[str, Any]],
+    log_path: Path,
+    image_root: str | os.PathLike,
+    image_pattern: str,
+    settings: EvalSettings,
+    desc: str,
+) -> SampleLog:
+    """Answer the questions not yet in `log_path` (each with the image `shown_image_id`, default its own)."""
+    from mllm.generation import generate_chat
+
+    log = SampleLog(log_path, "question_id")
+    todo = [q for q in questions if q["question_id"] not in log]
+    bar = _progress(len(todo), desc, settings)
+    for batch in _batches(todo, settings.batch_size):
+        shown = [q.get("shown_image_id", q["image_id"]) for q in batch]
+        images = [[load_image(Path(image_root) / image_pattern.format(image_id=i))] for i in shown]
+        conversations = [
+            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in batch
+        ]
+        replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
+        log.extend(
+            {
+                "question_id": q["question_id"],
+                "image_id": q["image_id"],
+                **({"shown_image_id": i} if i != q["image_id"] else {}),
+                "question": q["question"],
+                "answer": r.text,
+            }
+            for q, i, r in zip(batch, shown, replies)
+        )
+        bar.update(len(batch))
+    bar.close()
+    return log
 
 
 def _vqa_summary(result: Mapping[str, Any]) -> dict[str, Any]:

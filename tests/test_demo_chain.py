@@ -33,7 +33,9 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     probe = json.loads((out / "eval_tokenizer" / "probe.json").read_text())
     assert probe["split"] == "train" and probe["images"] == 216 and {"pixel", "semantic"} <= set(probe)
     assert "What the codes carry" in report and "| semantic |" in report
-    assert json.loads((out / "eval" / "vqa_metrics.json").read_text())["all"]["num_questions"] == 4
+    vqa = json.loads((out / "eval" / "vqa_metrics.json").read_text())
+    assert vqa["all"]["num_questions"] == 4 and vqa["shuffled_images"]["num_questions"] == 4
+    assert "| all, shuffled images (control) | 4 |" in report
     fd = json.loads((out / "eval" / "t2i_metrics.json").read_text())["fd"]
     assert fd["generated"] == 4 and fd["value"] >= 0 and "FD of 4 generated" in report
     reference = json.loads((out / "eval" / "t2i_metrics.json").read_text())["reference"]

@@ -96,6 +96,68 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     assert counter.calls == 6 + len(added)
 
 
+def test_vqa_shuffled_image_control_shows_each_question_another_image_of_the_set(
+    setup, tmp_path, monkeypatch
+):
+    import mllm.generation as generation
+    from eval.vqa_accuracy import evaluate_vqa
+
+    data, model, processor = setup
+    split = data / "test"
+    shown: list[np.ndarray] = []
+    original = generation.generate_chat
+
+    def recording(model, processor, conversations, images, *args, **kwargs):
+        shown.extend(np.asarray(per_conversation[0]) for per_conversation in images)
+        return original(model, processor, conversations, images, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_chat", recording)
+    settings = EvalSettings(batch_size=4, limit=6, max_new_tokens=3, progress=False)
+    args = (
+        split / "vqa_questions.json",
+        split / "vqa_annotations.json",
+        split / "images",
+        tmp_path,
+        settings,
+    )
+    metrics = tasks.run_vqa(model, processor, *args, shuffled_images=True)
+
+    real = [json.loads(line) for line in (tmp_path / "vqa_predictions.jsonl").read_text().splitlines()]
+    control = [
+        json.loads(line) for line in (tmp_path / "vqa_shuffled_predictions.jsonl").read_text().splitlines()
+    ]
+    assert [r["question_id"] for r in control] == [r["question_id"] for r in real]
+    pairing = tasks.shuffled_image_ids(r["image_id"] for r in real)
+    assert all(r["shown_image_id"] == pairing[r["image_id"]] != r["image_id"] for r in control)
+
+    # The model saw the paired image's pixels, not the question's own image.
+    def pixels(image_id):
+        return np.asarray(Image.open(split / "images" / f"{image_id:07d}.png").convert("RGB"))
+
+    assert len(shown) == 12
+    for row, image in zip(control, shown[6:]):
+        assert np.array_equal(image, pixels(row["shown_image_id"]))
+    expected = evaluate_vqa(
+        {r["question_id"]: r["answer"] for r in control},
+        split / "vqa_questions.json",
+        split / "vqa_annotations.json",
+        subset=True,
+    )
+    assert metrics["shuffled_images"]["overall"] == pytest.approx(expected["overall"])
+    assert json.loads((tmp_path / "vqa_metrics.json").read_text())["shuffled_images"]["num_questions"] == 6
+
+    # Resumed, nothing is asked again.
+    tasks.run_vqa(model, processor, *args, shuffled_images=True)
+    assert len(shown) == 12
+
+
+def test_shuffled_image_pairing_is_a_derangement_of_the_images():
+    pairing = tasks.shuffled_image_ids([7, 3, 3, 9, 5])
+    assert pairing == {3: 5, 5: 7, 7: 9, 9: 3}
+    with pytest.raises(ValueError, match="two different images"):
+        tasks.shuffled_image_ids([4, 4])
+
+
 def test_captions_and_chat_score_logged_outputs(setup, tmp_path):
     data, model, processor = setup
     split = data / "test"
