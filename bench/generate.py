@@ -1,9 +1,9 @@
 """Decoding speed of the tiny MLLM preset: text tokens/s and images/s at batch 1 and 8, with the KV cache and
 without it (the same model recomputing the whole prefix at every step), measured side by side in one run.
 
-The model is the tiny preset (`mllm.presets.build_mllm("tiny")`: 4-layer 256-wide Qwen2, two 3-layer depth heads,
-8x8 grids of depth 4, K=1024) on the untrained tiny DualToken tokenizer's codebooks and a SentencePiece text
-tokenizer trained here on shapes-world captions; weights are random, which does not change the cost of a step.
+The model is the tiny preset (`mllm.presets.build_mllm("tiny")`: 4-layer 256-wide Qwen2, two 3-layer depth heads
+128 wide, 8x8 grids of depth 4, K=1024) on the untrained tiny DualToken tokenizer's codebooks and a SentencePiece
+text tokenizer trained here on shapes-world captions; weights are random, which does not change the cost of a step.
 
 - text: `generate_chat` on conversations holding one image (64 cells) and a question, greedy, `--text-tokens` new
   tokens per row (an untrained model never stops early; tokens are counted, not assumed);
@@ -148,7 +148,7 @@ def main() -> None:
         dest="depth_head_width",
         type=int,
         default=None,
-        help="override the preset's depth-head width (256, the LLM width) to see the heads' share of the cost",
+        help="override the preset's depth-head width (128, half the LLM width) to see the heads' share of the cost",
     )
     args = parser.parse_args()
     if args.threads:
