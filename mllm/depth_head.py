@@ -12,9 +12,9 @@ Training is teacher forced over depth (`forward`). Sampling goes through `Stacke
 semantic head with their weights stacked, both decoded in one batched pass per depth with a depth KV cache (each
 step runs one new position through the blocks; CFG mixes the classifier's input, which equals mixing its logits
 because the classifier is affine, at half the classifier rows). The heads run D steps per generated cell, so at the tiny preset
-(a 4-layer LLM) they cost more than the LLM decode step itself; stacking the two heads made image decoding about
-1.8x faster at batch 8, and recomputing the depth prefix instead of caching (D(D+1)/2 positions per cell) is
-about 1.3-2x slower.
+(a 4-layer LLM) they cost more than the LLM decode step itself; with the heads as wide as the LLM (256), stacking
+the two heads made image decoding about 1.8x faster at batch 8, and recomputing the depth prefix instead of caching
+(D(D+1)/2 positions per cell) is about 1.3-2x slower.
 """
 
 from __future__ import annotations
