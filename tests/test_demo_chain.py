@@ -65,3 +65,22 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     for heading in ("### Understanding tokens", "### Generation heads", "### Tokenizer"):
         assert heading in ablations
     assert "pixel head only" in ablations and "semantic + pixel" in ablations and "same layer" in ablations
+
+
+def test_a_summary_stage_runs_again_when_an_earlier_stage_ran(tmp_path, monkeypatch):
+    import eval.demo as demo
+
+    calls: list[str] = []
+
+    def stage(name: str, summary: bool = False) -> demo.Stage:
+        return demo.Stage(name, name, lambda ctx: calls.append(name) or {"stage": name}, summary=summary)
+
+    monkeypatch.setattr(demo, "STAGES", [stage("a"), stage("b"), stage("report", summary=True)])
+    settings = demo.DemoSettings()
+    demo.run_demo(tmp_path, settings)
+    assert calls == ["a", "b", "report"]
+    demo.run_demo(tmp_path, settings)  # nothing changed: everything is reused
+    assert calls == ["a", "b", "report"]
+    (tmp_path / "stages" / "b.json").unlink()  # b reruns, so the report built from it must too; a stays
+    demo.run_demo(tmp_path, settings)
+    assert calls == ["a", "b", "report", "b", "report"]
