@@ -158,37 +158,28 @@ def run_vqa(
     out_dir = Path(out_dir)
     questions = json.loads(Path(questions_json).read_text(encoding="utf-8"))["questions"]
     subset = spread_subset(questions, settings.limit)
-    log = _answer_vqa(
-        model,
-        processor,
-        subset,
-        out_dir / "vqa_predictions.jsonl",
-        image_root,
-        image_pattern,
-        settings,
-        "vqa",
-    )
-    predictions = {row["question_id"]: row["answer"] for row in log.rows.values()}
-    metrics = {"all": _vqa_summary(evaluate_vqa(predictions, questions_json, annotations_json, subset=True))}
+
+    def answer(items: Sequence[Mapping[str, Any]], file_name: str, desc: str) -> dict[int, str]:
+        log = _answer_vqa(
+            model, processor, items, out_dir / file_name, image_root, image_pattern, settings, desc
+        )
+        return {row["question_id"]: row["answer"] for row in log.rows.values()}
+
+    def score(answers: dict[int, str]) -> dict[str, Any]:
+        return _vqa_summary(evaluate_vqa(answers, questions_json, annotations_json, subset=True))
+
+    predictions = answer(subset, "vqa_predictions.jsonl", "vqa")
+    metrics = {"all": score(predictions)}
     if heldout_images is not None:
-        image_of = {row["question_id"]: int(row["image_id"]) for row in log.rows.values()}
+        image_of = {q["question_id"]: int(q["image_id"]) for q in questions}
         for name, keep in (("heldout", True), ("seen", False)):
             part = {q: a for q, a in predictions.items() if (image_of[q] in heldout_images) == keep}
-            metrics[name] = (
-                _vqa_summary(evaluate_vqa(part, questions_json, annotations_json, subset=True))
-                if part
-                else None
-            )
+            metrics[name] = score(part) if part else None
     if shuffled_images:
         other = shuffled_image_ids([q["image_id"] for q in subset])
         swapped = [{**q, "shown_image_id": other[q["image_id"]]} for q in subset]
-        control = _answer_vqa(
-            model, processor, swapped, out_dir / "vqa_shuffled_predictions.jsonl", image_root, image_pattern,
-            settings, "vqa (shuffled images)",
-        )  # fmt: skip
-        answers = {row["question_id"]: row["answer"] for row in control.rows.values()}
-        metrics["shuffled_images"] = _vqa_summary(
-            evaluate_vqa(answers, questions_json, annotations_json, subset=True)
+        metrics["shuffled_images"] = score(
+            answer(swapped, "vqa_shuffled_predictions.jsonl", "vqa (shuffled images)")
         )
     atomic_write_json(out_dir / "vqa_metrics.json", metrics)
     return metrics

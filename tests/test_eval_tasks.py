@@ -43,6 +43,14 @@ class CountingGenerate:
         monkeypatch.setattr(generation, "generate_chat", counted)
 
 
+def _official_vqa(rows: list[dict], split) -> dict:
+    """The official VQA accuracy of logged answers, computed directly from the metric module."""
+    from eval.vqa_accuracy import evaluate_vqa
+
+    answers = {r["question_id"]: r["answer"] for r in rows}
+    return evaluate_vqa(answers, split / "vqa_questions.json", split / "vqa_annotations.json", subset=True)
+
+
 def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, monkeypatch):
     data, model, processor = setup
     split = data / "test"
@@ -63,15 +71,7 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     rows = [json.loads(line) for line in (tmp_path / "vqa_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and len({r["question_id"] for r in rows}) == 6
     # The metric is the official one applied to the logged answers: recompute it independently.
-    from eval.vqa_accuracy import evaluate_vqa
-
-    expected = evaluate_vqa(
-        {r["question_id"]: r["answer"] for r in rows},
-        split / "vqa_questions.json",
-        split / "vqa_annotations.json",
-        subset=True,
-    )
-    assert metrics["all"]["overall"] == pytest.approx(expected["overall"])
+    assert metrics["all"]["overall"] == pytest.approx(_official_vqa(rows, split)["overall"])
     assert metrics["all"]["num_questions"] == 6
     held = [r for r in rows if r["image_id"] in heldout]
     assert (metrics["heldout"] is None) == (not held)
@@ -100,7 +100,6 @@ def test_vqa_shuffled_image_control_shows_each_question_another_image_of_the_set
     setup, tmp_path, monkeypatch
 ):
     import mllm.generation as generation
-    from eval.vqa_accuracy import evaluate_vqa
 
     data, model, processor = setup
     split = data / "test"
@@ -137,13 +136,7 @@ def test_vqa_shuffled_image_control_shows_each_question_another_image_of_the_set
     assert len(shown) == 12
     for row, image in zip(control, shown[6:]):
         assert np.array_equal(image, pixels(row["shown_image_id"]))
-    expected = evaluate_vqa(
-        {r["question_id"]: r["answer"] for r in control},
-        split / "vqa_questions.json",
-        split / "vqa_annotations.json",
-        subset=True,
-    )
-    assert metrics["shuffled_images"]["overall"] == pytest.approx(expected["overall"])
+    assert metrics["shuffled_images"]["overall"] == pytest.approx(_official_vqa(control, split)["overall"])
     assert json.loads((tmp_path / "vqa_metrics.json").read_text())["shuffled_images"]["num_questions"] == 6
 
     # Resumed, nothing is asked again.
