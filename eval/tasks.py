@@ -159,21 +159,21 @@ def run_vqa(
     questions = json.loads(Path(questions_json).read_text(encoding="utf-8"))["questions"]
     subset = spread_subset(questions, settings.limit)
 
-    def answer(items: Sequence[Mapping[str, Any]], file_name: str, desc: str) -> dict[int, str]:
+    def answer(items: Sequence[Mapping[str, Any]], file_name: str, desc: str) -> list[dict]:
         log = _answer_vqa(
             model, processor, items, out_dir / file_name, image_root, image_pattern, settings, desc
         )
-        return {row["question_id"]: row["answer"] for row in log.rows.values()}
+        return list(log.rows.values())
 
-    def score(answers: dict[int, str]) -> dict[str, Any]:
+    def score(rows: list[dict]) -> dict[str, Any]:
+        answers = {row["question_id"]: row["answer"] for row in rows}
         return _vqa_summary(evaluate_vqa(answers, questions_json, annotations_json, subset=True))
 
-    predictions = answer(subset, "vqa_predictions.jsonl", "vqa")
-    metrics = {"all": score(predictions)}
+    rows = answer(subset, "vqa_predictions.jsonl", "vqa")
+    metrics = {"all": score(rows)}
     if heldout_images is not None:
-        image_of = {q["question_id"]: int(q["image_id"]) for q in questions}
         for name, keep in (("heldout", True), ("seen", False)):
-            part = {q: a for q, a in predictions.items() if (image_of[q] in heldout_images) == keep}
+            part = [row for row in rows if (int(row["image_id"]) in heldout_images) == keep]
             metrics[name] = score(part) if part else None
     if shuffled_images:
         other = shuffled_image_ids([q["image_id"] for q in subset])
