@@ -1,10 +1,14 @@
 """Fixtures for the training tests: a micro text tokenizer, a tiny LLaVA JSON + prompts JSONL over a code store
-of random codes, a config file for `train.mllm_train`, and a launcher for 1-2 CPU processes."""
+of random codes, a config file for `train.mllm_train`, and a launcher for 1-2 CPU processes.
+
+`python -m train_testing ARGS` runs `train.mllm_train` with ARGS; KILL_AT=MOMENT:STEP SIGKILLs it (every rank)
+at that point (see `KillAt`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from mllm_testing import CORPUS, train_text_tokenizer
+from transformers import TrainerCallback
 
 from data_recipes.code_shards import CodeShardWriter, image_key
 
@@ -154,3 +159,43 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class KillAt(TrainerCallback):
+    """SIGKILL this process at `moment` of optimizer step `step`: "begin" (about to compute the step), "end" (the
+    optimizer stepped, nothing of it saved yet), "saved" (its checkpoint complete) or "train_end" (every step
+    done, the final model not yet saved; `step` unused)."""
+
+    MOMENTS = ("begin", "end", "saved", "train_end")
+
+    def __init__(self, moment: str, step: int):
+        if moment not in self.MOMENTS:
+            raise ValueError(f"KILL_AT moment must be one of {self.MOMENTS}, got {moment!r}")
+        self.moment, self.step = moment, step
+
+    def _kill(self, moment: str, step: int | None = None) -> None:
+        if moment == self.moment and step in (None, self.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._kill("begin", state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._kill("end", state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._kill("saved", state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._kill("train_end")
+
+
+if __name__ == "__main__":
+    from train import mllm_train
+
+    kill = os.environ.get("KILL_AT")
+    callbacks = []
+    if kill:
+        moment, step = kill.split(":")
+        callbacks.append(KillAt(moment, int(step)))
+    mllm_train.main(sys.argv[1:], callbacks=callbacks)

@@ -2,7 +2,10 @@
 
 - per-modality losses (text, pixel head, semantic head) logged next to the total, weighted by how many
   positions each term covered and summed over ranks;
-- length grouping from the dataset's estimated lengths with a (seed, epoch)-seeded order (exact resume);
+- exact resume: length grouping from the dataset's estimated lengths with a (seed, epoch)-seeded order; sampler
+  and dataset get their epoch before every epoch (accelerate's resumed, batch-skipping loader does not pass it on);
+  a run resumed at its last step trains no further step; tied weights (one copy in the checkpoint) count as
+  restored, and a checkpoint missing any other weight is an error rather than a warning;
 - atomic checkpoints: Trainer writes `checkpoint-N` (weights, optimizer/DeepSpeed state, RNG, trainer state)
   inside `OUTPUT/.partial/`, and it is renamed to `OUTPUT/checkpoint-N` only once every rank is done, so a kill
   while saving leaves the previous checkpoint as the last complete one;
@@ -18,11 +21,13 @@ from typing import Any
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.utils import logging
 
 from mllm.sequence import IGNORE_INDEX
 from train.data import SeededLengthGroupedSampler
 from train.throughput import FlopModel
 
+logger = logging.get_logger(__name__)
 PARTIAL_DIR = ".partial"
 MODALITY_LOSSES = ("loss_text", "loss_pixel", "loss_semantic")
 
@@ -30,6 +35,21 @@ MODALITY_LOSSES = ("loss_text", "loss_pixel", "loss_semantic")
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-N` in `output_dir` (partial checkpoints live elsewhere until complete)."""
     return get_last_checkpoint(str(output_dir)) if os.path.isdir(output_dir) else None
+
+
+def _pass_epoch(loader: Any, epoch: int) -> None:
+    """Give `epoch` to every sampler and dataset under `loader` that takes one. Trainer relies on accelerate's
+    `DataLoaderShard.set_epoch`, which misses them in the batch-skipping loader of a resumed epoch (the dataset
+    always, the sampler under data parallelism): that epoch's rest then had epoch 0's order and caption dropout."""
+    stack, seen = [loader], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node is not loader and callable(getattr(node, "set_epoch", None)):
+            node.set_epoch(epoch)
+        stack += [getattr(node, name, None) for name in ("batch_sampler", "sampler", "dataset")]
 
 
 class MLLMTrainer(Trainer):
@@ -51,6 +71,30 @@ class MLLMTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return SeededLengthGroupedSampler(batch, lengths, seed)
         return super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, *, model: Any, epoch: int, train_dataloader: Any, **kwargs: Any) -> None:
+        if self.state.global_step >= self.state.max_steps:
+            # Resumed from the last checkpoint: Trainer would otherwise train one more step before checking.
+            self.control.should_training_stop = True
+            return
+        _pass_epoch(train_dataloader, epoch)
+        super()._run_epoch(model=model, epoch=epoch, train_dataloader=train_dataloader, **kwargs)
+
+    # ------------------------------------------------------------------ resume
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A checkpoint holds one copy of each tied tensor (the tiny preset's lm_head is embed_tokens): a missing
+        key sharing its tensor with a loaded one was restored; any other missing key would resume wrong weights."""
+        missing = set(load_result.missing_keys)
+        names_of: dict[int, list[str]] = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            names_of.setdefault(id(tensor), []).append(name)
+        restored = {name for names in names_of.values() if set(names) - missing for name in names}
+        lost = sorted(missing - restored)
+        if lost:
+            raise ValueError(f"the checkpoint has no weights for {lost}: it was not written by this model")
+        if load_result.unexpected_keys:
+            logger.warning(f"The checkpoint holds weights the model has not: {load_result.unexpected_keys}")
 
     # ------------------------------------------------------------------ loss and logging
 
