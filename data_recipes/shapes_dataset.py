@@ -55,12 +55,12 @@ from data_recipes.shapes_text import (
     class_labels,
     existence_item,
     make_prompt,
-    vqa_conversation,
+    vqa_dialogue,
     vqa_items,
 )
 
 FORMAT = "dualtoken-shapes"
-VERSION = 1
+VERSION = 2  # 2: the training VQA record is a multi-turn conversation
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = (("red", "star"), ("blue", "triangle"), ("green", "cross"))
 SPLIT_FILES: dict[str, str] = {
@@ -198,6 +198,21 @@ def _vqa_subset(planned: PlannedScene, rng: random.Random, allowed: Sequence[tup
     return picked + ([existence] if existence is not None else [])
 
 
+def _training_vqa(scene, rng: random.Random, allowed: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The VQA conversation of a training record: every question of two `vqa_items` rounds about the scene
+    (about six to eight distinct ones, each question type and both existence answers), one short answer per turn.
+    Dense supervision: one pass over the image's cells teaches every answer of the conversation."""
+    seen: set[str] = set()
+    items = []
+    for _ in range(2):
+        for item in vqa_items(scene, rng, allowed):
+            if item["question"] not in seen:
+                seen.add(item["question"])
+                items.append(item)
+    rng.shuffle(items)
+    return vqa_dialogue(items)
+
+
 def _build_records(planned: PlannedScene, seed: int, size: int, allowed: Sequence[tuple[str, str]]) -> dict:
     """Every text record of one scene (deterministic in seed and image id)."""
     rng = random.Random(f"shapes:{seed}:text:{planned.image_id}")
@@ -206,7 +221,11 @@ def _build_records(planned: PlannedScene, seed: int, size: int, allowed: Sequenc
     questions = _vqa_subset(planned, rng, text_pairs)
     llava = [
         {"id": f"{image_id}-caption", "image": file, "conversations": caption_request(planned.scene, rng)},
-        {"id": f"{image_id}-vqa", "image": file, "conversations": vqa_conversation(rng.choice(questions))},
+        {
+            "id": f"{image_id}-vqa",
+            "image": file,
+            "conversations": _training_vqa(planned.scene, rng, text_pairs),
+        },
         {"id": f"{image_id}-chat", "image": file, "conversations": chat(planned.scene, rng, text_pairs)},
     ]
     vqa_questions, vqa_annotations = [], []

@@ -330,12 +330,17 @@ def caption_request(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     ]
 
 
-def vqa_conversation(item: Mapping[str, str]) -> list[dict[str, str]]:
-    """A single-turn LLaVA conversation for one VQA item, asking for a short answer."""
-    return [
-        {"from": "human", "value": "<image>\n" + item["question"] + SHORT_ANSWER_SUFFIX},
-        {"from": "gpt", "value": item["answer"]},
-    ]
+def vqa_dialogue(items: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """A multi-turn LLaVA conversation asking every item in turn for a short answer: one image supervises several
+    answers (the image is read once, every question about it is learned from that one sequence)."""
+    if not items:
+        raise ValueError("vqa_dialogue: no VQA items")
+    conversation: list[dict[str, str]] = []
+    for index, item in enumerate(items):
+        prefix = "<image>\n" if index == 0 else ""
+        conversation.append({"from": "human", "value": prefix + item["question"] + SHORT_ANSWER_SUFFIX})
+        conversation.append({"from": "gpt", "value": item["answer"]})
+    return conversation
 
 
 def chat(

@@ -135,6 +135,8 @@ class DualTokenMLLM(PreTrainedModel):
         }
         self.pixel_head = DepthHead(**head_kwargs)
         self.semantic_head = DepthHead(**head_kwargs) if config.use_semantic_head else None
+        # Input cells are centred on their image's mean cell and layer-normalised (see the config field).
+        self.input_cell_norm = nn.LayerNorm(hidden) if config.input_cell_norm else None
         self.image_cell_position = (
             nn.Parameter(torch.zeros(config.grid_size * config.grid_size, hidden))
             if config.image_position_embedding
@@ -397,6 +399,8 @@ class DualTokenMLLM(PreTrainedModel):
             cell_embeds = self.understanding_cell_embedding(
                 flat(pixel_codes, inputs), flat(semantic_codes, inputs)
             )
+            if self.input_cell_norm is not None:
+                cell_embeds = self.input_cell_norm(cell_embeds - cell_embeds.mean(dim=-2, keepdim=True))
             if self.image_cell_position is not None:
                 cell_embeds = cell_embeds + self.image_cell_position.to(cell_embeds.dtype)
             out = out.index_put((inputs,), cell_embeds)

@@ -36,7 +36,8 @@ def tiny_text_config(vocab_size: int = 1024, **overrides: Any) -> dict:
 def tiny_fields(**overrides: Any) -> dict[str, Any]:
     """Tiny preset fields: the tiny Qwen2 above, 3-layer depth heads 128 wide (half the LLM width, as the paper
     preset's 1,024-wide heads are half of Qwen2.5-3B's 2,048), the tiny tokenizer geometry (64 px, 8x8 grid,
-    depth 4; the code sizes are overwritten from the tokenizer by `from_tokenizer`)."""
+    depth 4; the code sizes are overwritten from the tokenizer by `from_tokenizer`), centred + normalised input
+    cells with a 2-D position embedding."""
     fields: dict[str, Any] = {
         "text_config": tiny_text_config(),
         "codebook_size": 1024,
@@ -47,6 +48,10 @@ def tiny_fields(**overrides: Any) -> dict[str, Any]:
         "depth_head_layers": 3,
         "depth_head_width": 128,
         "depth_head_heads": 4,
+        # Input cells centred on their image's mean and layer-normalised, plus a 2-D position embedding: without
+        # them the from-scratch LLM answers from the question alone (bench/vqa_ladder.py, README "Understanding").
+        "input_cell_norm": True,
+        "image_position_embedding": True,
     }
     fields.update(overrides)
     return fields

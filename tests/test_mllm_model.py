@@ -287,7 +287,7 @@ def test_pixel_head_only_ablation(text_tokenizer):
 
 
 def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_tokenizer, tmp_path):
-    model, processor = build_micro(text_tokenizer, image_position_embedding=True)
+    model, processor = build_micro(text_tokenizer, image_position_embedding=True, input_cell_norm=True)
     cells = model.config.grid_size**2
     assert model.image_cell_position.shape == (cells, model.config.hidden_size)
     # 2-D sine-cosine start: every cell distinct, cells of one row share the row half, of one column the other.
@@ -309,14 +309,24 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
         understood = model.image_embeddings(*codes, ~output)[0]
         plain = model.understanding_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
         drawn = model.image_embeddings(*codes, output)[0]
-    assert torch.allclose(understood, plain + model.image_cell_position, atol=1e-6)
+    # Input cells: centred on the image's mean cell, layer-normalised, then the position added.
+    centred = model.input_cell_norm(plain - plain.mean(dim=0, keepdim=True))
+    assert torch.allclose(understood, centred + model.image_cell_position, atol=1e-5)
+    assert torch.allclose(centred.mean(dim=-1), torch.zeros(cells), atol=1e-5)
     assert torch.allclose(
         drawn, model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
     )
-    assert build_micro(text_tokenizer)[0].image_cell_position is None
+    bare = build_micro(text_tokenizer, image_position_embedding=False, input_cell_norm=False)[0]
+    assert bare.image_cell_position is None and bare.input_cell_norm is None
+    with torch.no_grad():
+        assert torch.allclose(
+            bare.image_embeddings(*codes, ~output)[0],
+            bare.understanding_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1)),
+        )
     model.save_pretrained(tmp_path / "model")
     reloaded = type(model).from_pretrained(tmp_path / "model")
     assert torch.equal(reloaded.image_cell_position, model.image_cell_position)
+    assert torch.equal(reloaded.input_cell_norm.weight, model.input_cell_norm.weight)
 
 
 def test_bad_inputs_raise_clear_errors(micro):

@@ -43,7 +43,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_every_contract_file_is_written_and_counts_match(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
-    assert manifest["format"] == "dualtoken-shapes" and manifest["version"] == 1
+    assert manifest["format"] == "dualtoken-shapes" and manifest["version"] == 2
     assert (manifest["seed"], manifest["size"], manifest["n"]) == (3, 64, 240)
     assert sum(manifest["splits"].values()) == 240 and manifest["splits"]["train"] == 216
     assert {tuple(pair) for pair in manifest["heldout_pairs"]} == HELDOUT

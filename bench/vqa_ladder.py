@@ -1,0 +1,268 @@
+"""The understanding ladder: where between a clean-token calibration and the demo model does VQA get lost?
+
+Each rung trains the project's own tiny `DualTokenMLLM` (built by `mllm.presets.build_mllm`, examples formatted
+by `DualTokenProcessor`, the model's own loss) from scratch on shapes-world VQA and scores it on the same held-out
+test questions, per question type, with greedy decoding through `mllm.generation.generate_chat`. Rungs differ
+in one thing each:
+
+  oracle       one clean code per 8x8 cell (background, or the object covering it: color x shape x size), random
+               frozen code embeddings: what the LLM learns when the image tokens are perfect
+  semantic     the DualToken semantic codes (the paper's understanding tokens)
+  sem+pixel    semantic + pixel codes (`understanding_tokens: semantic+pixel`)
+
+Options change the training: `--turns` questions per image in one conversation (1 = the demo's single-question
+VQA), `--position` adds the 2-D per-cell position embedding, `--lr`, `--steps`, `--batch`.
+It prints one table row per run (and appends it as JSON to `--log`), e.g.
+
+  .venv/bin/python bench/vqa_ladder.py --data runs/demo/data --tokenizer runs/demo/tokenizer --rung oracle
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_recipes.shapes import SIZE_RADIUS, Scene  # noqa: E402
+from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, vqa_items  # noqa: E402
+from eval.vqa_accuracy import normalize_answer  # noqa: E402
+
+TYPES = ("color", "shape", "count", "position", "existence")
+
+
+def read_scenes(path: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["image_id"]: row for row in rows}
+
+
+def oracle_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
+    """(grid, grid) cell classes: 0 background, else 1 + the (color, shape, size) index of the object whose
+    bounding box covers the cell's centre (with one pixel of slack)."""
+    from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, cell_center
+
+    out = torch.zeros(grid, grid, dtype=torch.long)
+    patch = size / grid
+    for obj in scene.objects:
+        cx, cy = cell_center(obj.row, obj.col, size)
+        radius = SIZE_RADIUS[obj.size] * size / 3 + 1
+        cls = 1 + (COLOR_NAMES.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)) * len(SIZES)
+        cls += SIZES.index(obj.size)
+        for r in range(grid):
+            for c in range(grid):
+                px, py = (c + 0.5) * patch, (r + 0.5) * patch
+                if abs(px - cx) <= radius and abs(py - cy) <= radius:
+                    out[r, c] = cls
+    return out
+
+
+def dense_items(scene: Scene, rng: random.Random, turns: int) -> list[dict]:
+    """Up to `turns` distinct VQA items about one scene (drawn from several `vqa_items` rounds)."""
+    seen, items = set(), []
+    for _ in range(4 * turns):
+        for item in vqa_items(scene, rng):
+            if item["question"] not in seen:
+                seen.add(item["question"])
+                items.append(item)
+    rng.shuffle(items)
+    return items[:turns]
+
+
+def conversation(items: list[dict]) -> list[dict]:
+    messages = []
+    for i, item in enumerate(items):
+        prefix = "<image>\n" if i == 0 else ""
+        messages.append({"role": "user", "content": prefix + item["question"] + SHORT_ANSWER_SUFFIX})
+        messages.append({"role": "assistant", "content": item["answer"]})
+    return messages
+
+
+class CodeSource:
+    """(pixel, semantic) code grids (h, w, D) per image id: oracle classes, or the DualToken tokenizer's codes."""
+
+    def __init__(self, rung: str, data: Path, tokenizer_dir: Path | None, depth: int):
+        self.rung, self.data, self.depth = rung, data, depth
+        self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tokenizer = None
+        if rung != "oracle":
+            from tokenizer.modeling import DualTokenModel
+
+            self.tokenizer = DualTokenModel.from_pretrained(tokenizer_dir).eval()
+            self.depth = int(self.tokenizer.config.rq_depth)
+
+    def prefetch(self, split: str, rows: dict[int, dict]) -> None:
+        ids = [i for i in rows if (split, i) not in self.cache]
+        if self.rung == "oracle":
+            for i in ids:
+                grid = oracle_grid(Scene.from_dict(rows[i]["scene"]))
+                codes = torch.zeros(*grid.shape, self.depth, dtype=torch.long)
+                codes[..., 0] = grid
+                self.cache[(split, i)] = (codes, codes)
+            return
+        from data_recipes.image_io import load_image
+        from tokenizer.image_processing import preprocess
+
+        size = int(self.tokenizer.config.image_size)
+        for start in range(0, len(ids), 256):
+            chunk = ids[start : start + 256]
+            images = [load_image(self.data / split / rows[i]["file"]) for i in chunk]
+            with torch.no_grad():
+                codes = self.tokenizer.encode(preprocess(images, image_size=size))
+            for row, i in enumerate(chunk):
+                self.cache[(split, i)] = (codes.pixel[row], codes.semantic[row])
+
+    def get(self, split: str, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache[(split, image_id)]
+
+
+def build(args, source: CodeSource, text_tokenizer):
+    from mllm.presets import build_mllm
+    from mllm.processor import DualTokenProcessor
+
+    overrides = {"image_position_embedding": args.position, "input_cell_norm": not args.no_cell_norm}
+    if args.rung == "sem+pixel":
+        overrides["understanding_tokens"] = "semantic+pixel"
+    model = build_mllm("tiny", source.tokenizer, text_tokenizer, **overrides)
+    if source.tokenizer is None:
+        g = torch.Generator().manual_seed(args.seed)
+        shape = model.pixel_code_embedding.shape
+        model.set_code_embeddings(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    cfg = model.config
+    processor = DualTokenProcessor(
+        text_tokenizer, source.tokenizer, grid_size=cfg.grid_size, rq_depth=cfg.rq_depth
+    )
+    return model, processor
+
+
+def evaluate(
+    model, processor, source: CodeSource, questions: list[dict], answers: dict, batch: int = 64
+) -> dict:
+    from mllm.generation import GenerationSettings, generate_chat
+
+    settings = GenerationSettings.tiny(max_new_tokens=6, temperature=0.0, allow_image_output=False)
+    correct: dict[str, list[int]] = defaultdict(list)
+    for start in range(0, len(questions), batch):
+        chunk = questions[start : start + batch]
+        convs = [
+            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in chunk
+        ]
+        images = [[source.get("test", q["image_id"])] for q in chunk]
+        replies = generate_chat(model, processor, convs, images, settings)
+        for q, reply in zip(chunk, replies):
+            truth = answers[q["question_id"]]
+            correct[truth["question_type"]].append(
+                int(normalize_answer(reply.text) == normalize_answer(truth["multiple_choice_answer"]))
+            )
+    per = {t: 100.0 * sum(v) / len(v) for t, v in correct.items()}
+    per["overall"] = 100.0 * sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
+    return per
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT / "runs/demo/data")
+    p.add_argument("--tokenizer", type=Path, default=ROOT / "runs/demo/tokenizer")
+    p.add_argument("--text-tokenizer", type=Path, default=ROOT / "runs/demo/text_tokenizer")
+    p.add_argument("--rung", choices=("oracle", "semantic", "sem+pixel"), default="oracle")
+    p.add_argument("--turns", type=int, default=8, help="questions per image in one conversation")
+    p.add_argument("--position", action="store_true", help="2-D per-cell position embedding on input cells")
+    p.add_argument(
+        "--no-cell-norm",
+        action="store_true",
+        help="feed input cells without centring + LayerNorm (the old model)",
+    )
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-questions", type=int, default=600)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    text_tokenizer = AutoTokenizer.from_pretrained(args.text_tokenizer)
+    train_rows = read_scenes(args.data / "train" / "scenes.jsonl")
+    test_rows = read_scenes(args.data / "test" / "scenes.jsonl")
+    questions = json.loads((args.data / "test" / "vqa_questions.json").read_text())["questions"]
+    answers = {
+        a["question_id"]: a
+        for a in json.loads((args.data / "test" / "vqa_annotations.json").read_text())["annotations"]
+    }
+    pick = random.Random(args.seed).sample(range(len(questions)), min(args.eval_questions, len(questions)))
+    questions = [questions[i] for i in sorted(pick)]
+    source = CodeSource(args.rung, args.data, args.tokenizer, depth=4)
+    t0 = time.perf_counter()
+    source.prefetch("train", train_rows)
+    source.prefetch("test", {q["image_id"]: test_rows[q["image_id"]] for q in questions})
+    encode_s = time.perf_counter() - t0
+    model, processor = build(args, source, text_tokenizer)
+    model.train()
+    opt = torch.optim.AdamW(
+        [q for q in model.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda t: (
+            min(1.0, (t + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
+        ),
+    )
+    rng = random.Random(args.seed + 1)
+    ids = sorted(train_rows)
+    t0 = time.perf_counter()
+    curve = []
+    for step in range(1, args.steps + 1):
+        examples = []
+        for _ in range(args.batch):
+            image_id = rng.choice(ids)
+            items = dense_items(Scene.from_dict(train_rows[image_id]["scene"]), rng, args.turns)
+            examples.append(processor.training_example(conversation(items), [source.get("train", image_id)]))
+        batch = processor.collate(examples)
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            model.eval()
+            curve.append({"step": step, **evaluate(model, processor, source, questions, answers)})
+            model.train()
+            print(json.dumps(curve[-1]), flush=True)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    result = evaluate(model, processor, source, questions, answers)
+    row = {
+        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "steps": args.steps, "batch": args.batch,
+        "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
+        **{k: round(v, 1) for k, v in result.items()}, "curve": curve,
+    }  # fmt: skip
+    cols = ["overall", *TYPES]
+    print(
+        f"| {args.rung} | {'-' if args.no_cell_norm else 'yes'} | {args.turns} | {'2-D' if args.position else '-'} | {args.steps} x {args.batch} | "
+        + " | ".join(f"{row.get(c, float('nan')):.1f}" for c in cols)
+        + f" | {train_s / 60:.1f} min |"
+    )
+    if args.log:
+        with args.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+if __name__ == "__main__":
+    main()
