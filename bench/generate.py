@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 from mllm.generation import GenerationSettings, generate_chat, generate_images  # noqa: E402
 from mllm.presets import build_mllm  # noqa: E402
 from mllm.processor import DualTokenProcessor  # noqa: E402
-from mllm.text_tokenizer import train_text_tokenizer  # noqa: E402
+from mllm.sequence import SPECIAL_TOKENS  # noqa: E402
+from tokenizer.text_tokenizer import train_text_tokenizer  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "gray", "white")
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -56,7 +57,9 @@ def build(tmp: Path, **overrides):
     corpus = [f"a {c} {s} {p}" for c, s, p in itertools.product(COLORS, SHAPES, PLACES)] + list(QUESTIONS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the vocabulary is capped to what this small corpus supports
-        text_tokenizer = train_text_tokenizer(corpus * 4, tmp / "text_tokenizer", vocab_size=1024)
+        text_tokenizer = train_text_tokenizer(
+            corpus * 4, tmp / "text_tokenizer", vocab_size=1024, special_tokens=SPECIAL_TOKENS
+        )
     torch.manual_seed(0)
     image_tokenizer = build_tokenizer("tiny").eval()
     model = build_mllm("tiny", image_tokenizer, text_tokenizer, **overrides).eval()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mllm.atomic_io import atomic_write_json
+from data_recipes.atomic_io import atomic_write_json
 
 
 @dataclass
@@ -156,12 +156,17 @@ def stage_encode(ctx: DemoContext) -> dict:
 
 
 def stage_text_tokenizer(ctx: DemoContext) -> dict:
-    from mllm.text_tokenizer import texts_from_dataset, train_text_tokenizer
+    from mllm.sequence import SPECIAL_TOKENS
+    from tokenizer.text_tokenizer import texts_from_dataset, train_text_tokenizer
 
     out = ctx.path("text_tokenizer")
     texts = texts_from_dataset(ctx.data_dir, split="train")
     tokenizer = train_text_tokenizer(
-        texts, out, vocab_size=ctx.settings.text_vocab_size, seed=ctx.settings.seed
+        texts,
+        out,
+        vocab_size=ctx.settings.text_vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        seed=ctx.settings.seed,
     )
     return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}
 

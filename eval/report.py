@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mllm.atomic_io import atomic_write_text
+from data_recipes.atomic_io import atomic_write_text
 
 T2I_TAG_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

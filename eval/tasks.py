@@ -24,9 +24,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_recipes.atomic_io import atomic_save_png, atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
 from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
-from mllm.atomic_io import atomic_save_png, atomic_write_json, atomic_write_text
 
 SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
 
@@ -520,7 +520,7 @@ def generated_vs_real_fd(
     import numpy as np
     import torch
 
-    from eval.image_metrics import frechet_distance
+    from tokenizer.image_metrics import frechet_distance
     from tokenizer.teacher import to_pixel_values
     from tokenizer.train import load_teacher_tower
 

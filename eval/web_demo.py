@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mllm.atomic_io import atomic_save_png
+from data_recipes.atomic_io import atomic_save_png
 
 DEFAULT_MODEL_DIR = Path("runs/demo/mllm")
 DEFAULT_HOST = "127.0.0.1"

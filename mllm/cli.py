@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mllm.atomic_io import atomic_save_png
+from data_recipes.atomic_io import atomic_save_png
 
 # `dualtoken mllm <name>`: (name, module, function taking the `mllm` subparsers). A module that is absent from
 # this checkout leaves a stub that explains so; add further utilities (e.g. merge-lora) as one line each.

@@ -1,6 +1,6 @@
 """`dualtoken mllm text-tokenizer`: train the tiny preset's SentencePiece text tokenizer on a dataset's text.
 
-`register(mllm_subparsers)` is called by `mllm/cli.py`; the work is `mllm.text_tokenizer` (imported lazily).
+`register(mllm_subparsers)` is called by `mllm/cli.py`; the work is `tokenizer.text_tokenizer` (imported lazily).
 """
 
 from __future__ import annotations
@@ -11,14 +11,20 @@ from pathlib import Path
 
 
 def _text_tokenizer(args) -> int:
-    from mllm.text_tokenizer import texts_from_dataset, train_text_tokenizer
+    from mllm.sequence import SPECIAL_TOKENS
+    from tokenizer.text_tokenizer import texts_from_dataset, train_text_tokenizer
 
     try:
         texts = texts_from_dataset(args.data, split=args.split)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tokenizer = train_text_tokenizer(
-                texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed
+                texts,
+                args.out,
+                vocab_size=args.vocab_size,
+                model_type=args.model_type,
+                special_tokens=SPECIAL_TOKENS,
+                seed=args.seed,
             )
     except (ValueError, FileNotFoundError) as error:
         print(f"dualtoken mllm text-tokenizer: error: {error}", file=sys.stderr)

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from mllm.atomic_io import atomic_directory_write
+from data_recipes.atomic_io import atomic_directory_write
 from mllm.configuration import DualTokenMLLMConfig
 from mllm.depth_head import DepthHead
 from mllm.sequence import IGNORE_INDEX, positions_from_mask

@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 
-from mllm.atomic_io import atomic_directory_write
+from data_recipes.atomic_io import atomic_directory_write
 from mllm.sequence import (
     BOI,
-    CHAT_SPECIALS,
     EOI,
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     IMG,
-    MULTIMODAL_SPECIALS,
+    SPECIAL_TOKENS,
     TURN_END,
     TURN_START,
     pad_sequences,
@@ -68,7 +67,7 @@ CHAT_TEMPLATE = (
 def ensure_special_tokens(text_tokenizer: Any) -> int:
     """Add the multimodal and chat special tokens (and a pad token) that `text_tokenizer` lacks; returns how many."""
     vocab = text_tokenizer.get_vocab()
-    missing = [t for t in (*MULTIMODAL_SPECIALS, *CHAT_SPECIALS) if t not in vocab]
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     added = 0
     if missing:
         added += text_tokenizer.add_special_tokens(
@@ -82,7 +81,7 @@ def ensure_special_tokens(text_tokenizer: Any) -> int:
 def special_token_ids(text_tokenizer: Any) -> dict[str, int | None]:
     """The special ids `DualTokenMLLMConfig` records, read from a tokenizer prepared by `ensure_special_tokens`."""
     vocab = text_tokenizer.get_vocab()
-    missing = [t for t in (*MULTIMODAL_SPECIALS, *CHAT_SPECIALS) if t not in vocab]
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing or text_tokenizer.pad_token_id is None:
         raise ValueError(
             f"text tokenizer lacks special tokens {missing or ['pad']}; call ensure_special_tokens"

@@ -25,6 +25,9 @@ TURN_START = "<|im_start|>"
 TURN_END = "<|im_end|>"
 MULTIMODAL_SPECIALS = (IMAGE_PLACEHOLDER, BOI, EOI, IMG)
 CHAT_SPECIALS = (TURN_START, TURN_END)
+# Every string the text tokenizer must hold as one token (`tokenizer.text_tokenizer.train_text_tokenizer`'s
+# `special_tokens`; `mllm.processor.ensure_special_tokens` adds those a pretrained tokenizer lacks).
+SPECIAL_TOKENS = (*MULTIMODAL_SPECIALS, *CHAT_SPECIALS)
 IGNORE_INDEX = -100
 
 

@@ -11,8 +11,8 @@ import sentencepiece as spm
 from data_recipes.shapes import sample_scene
 from data_recipes.shapes_dataset import write_shapes_dataset
 from data_recipes.shapes_text import captions, chat
-from mllm.text_tokenizer import (
-    DEFAULT_SPECIAL_TOKENS,
+from mllm.sequence import SPECIAL_TOKENS
+from tokenizer.text_tokenizer import (
     SETTINGS_NAME,
     load_text_tokenizer,
     texts_from_dataset,
@@ -37,7 +37,9 @@ UNSEEN = shapes_texts(1, 20)
 @pytest.fixture(scope="module", params=["bpe", "unigram"])
 def trained(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
-    tokenizer = train_text_tokenizer(CORPUS, directory, vocab_size=380, model_type=request.param, seed=0)
+    tokenizer = train_text_tokenizer(
+        CORPUS, directory, vocab_size=380, model_type=request.param, seed=0, special_tokens=SPECIAL_TOKENS
+    )
     return directory, tokenizer
 
 
@@ -75,9 +77,9 @@ def test_special_tokens_are_single_ids_and_never_split(trained):
         3,
     )
     vocab = tokenizer.get_vocab()
-    special_ids = [vocab[token] for token in DEFAULT_SPECIAL_TOKENS]
-    assert len(set(special_ids)) == len(DEFAULT_SPECIAL_TOKENS)
-    for token, token_id in zip(DEFAULT_SPECIAL_TOKENS, special_ids):
+    special_ids = [vocab[token] for token in SPECIAL_TOKENS]
+    assert len(set(special_ids)) == len(SPECIAL_TOKENS)
+    for token, token_id in zip(SPECIAL_TOKENS, special_ids):
         assert tokenizer(token, add_special_tokens=False).input_ids == [token_id]
         ids = tokenizer(f"a red{token}circle{token}{token}", add_special_tokens=False).input_ids
         assert ids.count(token_id) == 3
@@ -92,7 +94,14 @@ def test_special_tokens_are_single_ids_and_never_split(trained):
 def test_deterministic_and_reload_gives_identical_ids(trained, tmp_path):
     directory, tokenizer = trained
     model_type = json.loads((directory / SETTINGS_NAME).read_text())["model_type"]
-    again = train_text_tokenizer(CORPUS, tmp_path / "again", vocab_size=380, model_type=model_type, seed=0)
+    again = train_text_tokenizer(
+        CORPUS,
+        tmp_path / "again",
+        vocab_size=380,
+        model_type=model_type,
+        seed=0,
+        special_tokens=SPECIAL_TOKENS,
+    )
     assert (tmp_path / "again" / "tokenizer.model").read_bytes() == (
         directory / "tokenizer.model"
     ).read_bytes()
@@ -107,12 +116,14 @@ def test_deterministic_and_reload_gives_identical_ids(trained, tmp_path):
 def test_vocab_size_is_capped_or_rejected(tmp_path):
     texts = CORPUS[:60]
     with pytest.warns(UserWarning, match="capped 100000"):
-        tokenizer = train_text_tokenizer(texts, tmp_path / "capped", vocab_size=100_000)
+        tokenizer = train_text_tokenizer(
+            texts, tmp_path / "capped", vocab_size=100_000, special_tokens=SPECIAL_TOKENS
+        )
     settings = json.loads((tmp_path / "capped" / SETTINGS_NAME).read_text())
     assert settings["requested_vocab_size"] == 100_000
     assert settings["vocab_size"] == len(tokenizer) < 100_000
     with pytest.raises(ValueError, match="use at least"):
-        train_text_tokenizer(texts, tmp_path / "small", vocab_size=64)
+        train_text_tokenizer(texts, tmp_path / "small", vocab_size=64, special_tokens=SPECIAL_TOKENS)
     assert not (tmp_path / "small").exists()
     with pytest.raises(ValueError, match="model_type"):
         train_text_tokenizer(texts, tmp_path / "x", model_type="wordpiece")

@@ -20,13 +20,8 @@ from mllm.processor import DualTokenProcessor
 from tokenizer.ablate import ABLATIONS, ablation_overrides, run_ablations, variant_settings
 from tokenizer.encode import dataset_images, decode_store, encode_dataset, load_pixels, load_tokenizer
 from tokenizer.encode import register as register_encode
-from tokenizer.evaluate import (
-    PSNR_CAP,
-    codebook_statistics,
-    evaluate_tokenizer,
-    pair_scores,
-    reconstruction_grid,
-)
+from tokenizer.evaluate import PSNR_CAP, codebook_statistics, evaluate_tokenizer, pair_scores
+from tokenizer.image_processing import reconstruction_grid
 from tokenizer.modeling import DualTokenModel
 from tokenizer.presets import preset_fields
 from tokenizer.teacher import zero_shot_eval

@@ -1,7 +1,7 @@
 """Evaluation of a trained DualToken tokenizer (`dualtoken tokenizer eval`): reconstruction, semantics, codebooks.
 
 Metrics on one split (shapes-world dataset or image folder), every image encoded and its pixel codes decoded:
-- PSNR and SSIM (`eval.image_metrics`) of the clamped reconstruction vs the original, both in [-1, 1] mapped to
+- PSNR and SSIM (`tokenizer.image_metrics`) of the clamped reconstruction vs the original, both in [-1, 1] mapped to
   [0, 1]; mean over images (per-image PSNR capped at 100 dB, so one exact reconstruction cannot make it inf).
 - Reconstruction FD: the Fréchet distance between Gaussians fitted to the *teacher's* pooled SigLIP features
   (vision tower `pooler_output`, unnormalised) of the originals and of the reconstructions. It is an rFID-style
@@ -30,38 +30,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eval.image_metrics import frechet_distance, psnr, ssim
 from tokenizer.encode import dataset_images, default_device, is_shapes_dataset, load_pixels, load_tokenizer
-from tokenizer.image_processing import postprocess
+from tokenizer.image_metrics import frechet_distance, psnr, ssim
+from tokenizer.image_processing import reconstruction_grid
 
 PSNR_CAP = 100.0  # dB; a perfect reconstruction has infinite PSNR, which would swamp the mean
 METRICS_NAME = "metrics.json"
 REPORT_NAME = "report.md"
 GRID_NAME = "reconstructions.png"
-GRID_PAD = 2
-
-
-def reconstruction_grid(
-    originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 8, pad: int = GRID_PAD
-) -> Image.Image:
-    """Pairs of rows (originals, then their reconstructions) of at most `columns` images, on white."""
-    if originals.shape != reconstructions.shape or originals.ndim != 4:
-        raise ValueError(
-            f"reconstruction_grid: expected two (N, 3, H, W) batches of one shape, got {tuple(originals.shape)} "
-            f"and {tuple(reconstructions.shape)}"
-        )
-    first, second = postprocess(originals), postprocess(reconstructions)
-    n, _, height, width = first.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    canvas = Image.new("RGB", (columns * (width + pad) + pad, rows * 2 * (height + pad) + pad), "white")
-    for index in range(n):
-        row, column = divmod(index, columns)
-        x = pad + column * (width + pad)
-        for offset, batch in enumerate((first, second)):
-            y = pad + (2 * row + offset) * (height + pad)
-            canvas.paste(Image.fromarray(batch[index].permute(1, 2, 0).numpy()), (x, y))
-    return canvas
 
 
 def pair_scores(originals: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

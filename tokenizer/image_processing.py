@@ -4,11 +4,13 @@
 [0, 1]; normalise with mean = std = 0.5). It is written out rather than calling `SiglipImageProcessor` so the
 result does not depend on whether torchvision is installed (the fast backend resizes with torchvision and its
 numbers differ slightly) and so one function owns colour-mode conversion: every mode becomes RGB, and images with
-transparency are composited onto white first. `postprocess` / `to_pil` invert the normalisation (clamped, rounded).
+transparency are composited onto white first. `postprocess` / `to_pil` invert the normalisation (clamped, rounded);
+`reconstruction_grid` lays originals and their reconstructions out in row pairs (training samples, eval reports).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,3 +76,26 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) or (3, H, W) in [-1, 1] -> list of RGB PIL images."""
     array = postprocess(pixels if pixels.ndim == 4 else pixels[None])
     return [Image.fromarray(a.permute(1, 2, 0).contiguous().numpy()) for a in array]
+
+
+def reconstruction_grid(
+    originals: torch.Tensor, reconstructions: torch.Tensor, columns: int = 8, pad: int = 2
+) -> Image.Image:
+    """Pairs of rows (originals, then their reconstructions) of at most `columns` images, on white."""
+    if originals.shape != reconstructions.shape or originals.ndim != 4:
+        raise ValueError(
+            f"reconstruction_grid: expected two (N, 3, H, W) batches of one shape, got {tuple(originals.shape)} "
+            f"and {tuple(reconstructions.shape)}"
+        )
+    first, second = postprocess(originals), postprocess(reconstructions)
+    n, _, height, width = first.shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    canvas = Image.new("RGB", (columns * (width + pad) + pad, rows * 2 * (height + pad) + pad), "white")
+    for index in range(n):
+        row, column = divmod(index, columns)
+        x = pad + column * (width + pad)
+        for offset, batch in enumerate((first, second)):
+            y = pad + (2 * row + offset) * (height + pad)
+            canvas.paste(Image.fromarray(batch[index].permute(1, 2, 0).numpy()), (x, y))
+    return canvas

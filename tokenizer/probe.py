@@ -196,7 +196,7 @@ def _probe(args) -> int:
         print(f"dualtoken tokenizer probe: error: {error}", file=sys.stderr)
         return 2
     if args.out:
-        from mllm.atomic_io import atomic_write_json
+        from data_recipes.atomic_io import atomic_write_json
 
         atomic_write_json(args.out, result)
     print(format_probe(result))

@@ -3,7 +3,7 @@ own sigmoid loss on shapes-world image-caption pairs, and its zero-shot color x 
 
 The vision tower has the tiny DualToken backbone's geometry (64 px, patch 8 -> 8x8 grid, 6 layers, width 192), so
 the tokenizer initialises from it and distils toward it. The text tower is small; its SentencePiece tokenizer is
-trained on the dataset's train captions with `mllm.text_tokenizer.train_text_tokenizer`.
+trained on the dataset's train captions with `tokenizer.text_tokenizer.train_text_tokenizer`.
 
 Teacher directory (written atomically: built in a temporary sibling, then renamed over `out_dir`):
     config.json + model.safetensors   the SiglipModel (`SiglipModel.from_pretrained(dir)`); the vision tower alone
@@ -49,10 +49,10 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
+from data_recipes.atomic_io import atomic_write_text
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
 from data_recipes.shapes_text import POSITION_PHRASES, class_labels
-from mllm.atomic_io import atomic_write_text
-from mllm.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
+from tokenizer.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
 
 METRICS_NAME = "teacher_metrics.json"
 ZERO_SHOT_NAME = "zero_shot_{split}.json"

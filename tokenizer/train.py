@@ -294,7 +294,7 @@ def load_teacher_tower(teacher_dir: str | os.PathLike) -> nn.Module:
     """The teacher's vision tower (a SiglipVisionModel; text weights of a SiglipModel dir are skipped), frozen."""
     from transformers import SiglipVisionModel
 
-    from mllm.text_tokenizer import transformers_errors_only
+    from tokenizer.text_tokenizer import transformers_errors_only
 
     path = Path(teacher_dir)
     if not (path / "config.json").is_file():
@@ -572,7 +572,7 @@ def _summary_writer(path: Path, start_step: int):
 
 @torch.no_grad()
 def _write_samples(student, pixels: torch.Tensor, path: Path, writer, step: int) -> None:
-    from tokenizer.evaluate import reconstruction_grid
+    from tokenizer.image_processing import reconstruction_grid
 
     was_training = student.training
     student.eval()

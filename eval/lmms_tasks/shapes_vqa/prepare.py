@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
+from data_recipes.atomic_io import atomic_write_text
 from eval.tasks import SHAPES_IMAGE_PATTERN, heldout_image_ids
-from mllm.atomic_io import atomic_write_text
 
 TEMPLATE = Path(__file__).resolve().with_name("shapes_vqa_template.yaml")
 TASK_NAME = "shapes_vqa"

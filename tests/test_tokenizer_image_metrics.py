@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from eval.image_metrics import frechet_distance, frechet_distance_from_statistics, psnr, ssim
+from tokenizer.image_metrics import frechet_distance, frechet_distance_from_statistics, psnr, ssim
 
 
 def _images(seed: int, shape=(2, 3, 32, 32)) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,9 @@ wrapped as an HF fast tokenizer (`tokenizer.json`, loadable with `AutoTokenizer.
 - SentencePiece runs with identity normalization, no whitespace folding, split digits and byte fallback, so every
   string (newlines, unseen characters) decodes back to itself. The HF tokenizer reproduces SentencePiece's ids: the
   pieces become a `tokenizers` BPE (merges ranked by piece order) or Unigram model behind a Metaspace pre-tokenizer.
-- Special tokens (`<image>`, `<boi>`, `<eoi>`, `<img>` and the chat turn markers by default) are SentencePiece
-  user-defined symbols and HF special tokens: one id each, never split. Ids: unk 0, bos 1, eos 2, pad 3; a bos is
+- `special_tokens` (none by default; the MLLM passes its `<image>`, `<boi>`, `<eoi>`, `<img>` and chat turn markers,
+  `mllm.sequence.SPECIAL_TOKENS`) become SentencePiece user-defined symbols and HF special tokens: one id each,
+  never split. Ids: unk 0, bos 1, eos 2, pad 3; a bos is
   prepended by default (`add_special_tokens=True`), no eos. The chat template belongs to `mllm.processor`.
 - A `vocab_size` larger than the text supports is capped automatically to SentencePiece's maximum (a warning says
   so, and `sentencepiece_settings.json` records requested and actual sizes); one too small to hold every character
@@ -37,10 +38,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processo
 from tokenizers.models import BPE, Unigram
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mllm.atomic_io import atomic_directory_write
-from mllm.sequence import CHAT_SPECIALS, MULTIMODAL_SPECIALS
+from data_recipes.atomic_io import atomic_directory_write
 
-DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (*MULTIMODAL_SPECIALS, *CHAT_SPECIALS)
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SETTINGS_NAME = "sentencepiece_settings.json"
 SPM_MODEL_NAME = "tokenizer.model"
@@ -144,7 +143,7 @@ def train_text_tokenizer(
     out_dir: str | os.PathLike,
     vocab_size: int = 1024,
     model_type: Literal["bpe", "unigram"] = "bpe",
-    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    special_tokens: Sequence[str] = (),
     seed: int = 0,
 ) -> PreTrainedTokenizerBase:
     """Train SentencePiece on `texts` and write an HF tokenizer directory to `out_dir`; return it loaded from there.
