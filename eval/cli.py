@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from eval.demo import ABLATION_STAGES, STAGES, DemoSettings, run_demo
-from eval.web_demo import register as register_serve
 
 
 def _demo(args) -> int:
@@ -197,7 +196,6 @@ def register_eval(subparsers) -> None:
 
 def register(subparsers) -> None:
     register_eval(subparsers)
-    register_serve(subparsers)
     demo = subparsers.add_parser("demo", help="run the whole chain on the shapes world and write a report")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--scenes", type=int, default=DemoSettings.scenes, help="shapes-world scenes to render")

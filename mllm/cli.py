@@ -1,4 +1,4 @@
-"""`dualtoken ask | chat | generate | mllm ...`: the MLLM's command-line inference and utility subcommands.
+"""`dualtoken ask | chat | generate | serve | mllm ...`: the MLLM's command-line inference and utility subcommands.
 
 All three inference commands load a checkpoint directory written by `DualTokenMLLM.save_pretrained(dir,
 processor=...)` (`mllm.checkpoint.load_checkpoint`) and read images with `data_recipes.image_io.load_image`; an
@@ -16,6 +16,7 @@ unusable image or checkpoint prints one clear error line and exits with status 2
   .safetensors`` (pixel and semantic code grids, (n, h, w, D) each), ``generations.jsonl`` (one row per prompt:
   index, prompt, files, codes, seeds) and ``settings.json``. Image j of prompt i always uses seed
   ``--seed + i*n + j``, so the output does not depend on ``--batch-size``.
+- `serve`: the browser demo (`mllm.serve`, Gradio).
 - `mllm`: utilities, each registered from the module that owns it (see `MLLM_SUBCOMMANDS`).
 """
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_recipes.atomic_io import atomic_save_png
+from mllm.serve.command import register as register_serve
 
 # `dualtoken mllm <name>`: (name, module, function taking the `mllm` subparsers). A module that is absent from
 # this checkout leaves a stub that explains so; add further utilities (e.g. merge-lora) as one line each.
@@ -439,7 +441,8 @@ def _register_optional(subparsers, name: str, module: str, function: str) -> Non
 
 
 def register(subparsers) -> None:
-    """Add `ask`, `chat`, `generate` and the `mllm` group to the `dualtoken` subcommands."""
+    """Add `ask`, `chat`, `generate`, `serve` (the web demo, `mllm.serve`) and the `mllm` group to the `dualtoken`
+    subcommands."""
     ask = subparsers.add_parser("ask", help="answer one question about an image")
     _add_model_args(ask)
     ask.add_argument("--image", default=None, help="image file (any size; resized to the tokenizer's)")
@@ -478,6 +481,8 @@ def register(subparsers) -> None:
     generate.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the tqdm bar")
     _add_image_sampling_args(generate, aliases=True)
     generate.set_defaults(func=lambda args: _run("generate", _generate, args))
+
+    register_serve(subparsers)
 
     mllm = subparsers.add_parser("mllm", help="MLLM utilities")
     mllm_sub = mllm.add_subparsers(dest="mllm_command", metavar="SUBCOMMAND", required=True)

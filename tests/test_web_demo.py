@@ -1,4 +1,4 @@
-"""`dualtoken serve` (eval/web_demo.py): the session / limits / engine logic without a browser, then the Gradio app
+"""`dualtoken serve` (mllm/serve/): the session / limits / engine logic without a browser, then the Gradio app
 in headless Chromium (Playwright with the system browser) on 127.0.0.1, all on a micro model saved to a temp dir.
 
 The browser tests skip, saying what to install, only where gradio, playwright or a Chromium binary is missing (with
@@ -14,6 +14,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,18 +22,12 @@ from mllm_testing import build_micro, tiny_image_tokenizer, train_text_tokenizer
 from PIL import Image
 
 from data_recipes.image_io import load_image
-from eval import web_demo
-from eval.web_demo import (
-    STREAM_SENTINEL,
-    ChatOptions,
-    ChatSession,
-    DemoEngine,
-    ImageOptions,
-    ServeLimits,
-    UserInputError,
-    read_upload,
-)
 from mllm.generation import ChatReply, generate_chat, generate_images
+from mllm.serve import command
+from mllm.serve.app import build_app, launch
+from mllm.serve.engine import STREAM_SENTINEL, DemoEngine
+from mllm.serve.limits import ChatOptions, ImageOptions, ServeLimits, UserInputError, read_upload
+from mllm.serve.session import ChatSession
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # Gradio's own pandas deprecations
 LIMITS = ServeLimits(max_upload_bytes=200_000, max_pixels=250_000, max_turns=3, max_message_chars=200)
@@ -285,7 +280,7 @@ def test_tokenizer_view_shows_reconstruction_and_code_heat_maps(engine, images):
 
 def _serve_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    web_demo.register(parser.add_subparsers(dest="command"))
+    command.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(["serve", *argv])
 
 
@@ -296,10 +291,10 @@ def test_serve_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys
     assert args.func(args) == 2
     error = capsys.readouterr().err
     assert "no model to serve" in error and "--model DIR" in error and "make demo" in error
-    assert web_demo.resolve_model_dir(None) is None
+    assert command.resolve_model_dir(None) is None
     shutil.copytree(checkpoint, tmp_path / "runs" / "demo" / "mllm")
-    assert web_demo.resolve_model_dir(None) == web_demo.DEFAULT_MODEL_DIR
-    assert web_demo.resolve_model_dir("elsewhere") == web_demo.Path("elsewhere")
+    assert command.resolve_model_dir(None) == command.DEFAULT_MODEL_DIR
+    assert command.resolve_model_dir("elsewhere") == Path("elsewhere")
 
 
 # ---------------------------------------------------------------------- the browser
@@ -351,8 +346,8 @@ def server(browser, engine, tmp_path_factory):
         port = probe.getsockname()[1]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-        app = web_demo.build_app(engine)
-        web_demo.launch(app, engine, "127.0.0.1", port, block=False)
+        app = build_app(engine)
+        launch(app, engine, "127.0.0.1", port, block=False)
         yield f"http://127.0.0.1:{port}/"
         app.close()
 
