@@ -37,7 +37,8 @@ import numpy as np
 import yaml
 
 from data_recipes.image_io import DEFAULT_MAX_PIXELS
-from data_recipes.loaders import LOADERS, Loader, OnBadSample, SkipCounter, open_loader
+from data_recipes.loaders import LOADERS, open_loader
+from data_recipes.loaders.base import Loader, OnBadSample, SkipCounter
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 TASKS: tuple[str, ...] = ("understanding", "t2i", "image")

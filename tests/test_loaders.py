@@ -10,18 +10,13 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_recipes.loaders import (
-    CocoCaptionsLoader,
-    DataError,
-    ImageFolderLoader,
-    LlavaLoader,
-    PromptsLoader,
-    SkipCounter,
-    VQALoader,
-    WebDatasetLoader,
-    expand_shards,
-    open_loader,
-)
+from data_recipes.loaders import open_loader
+from data_recipes.loaders.base import DataError, SkipCounter
+from data_recipes.loaders.captions import CocoCaptionsLoader
+from data_recipes.loaders.images import ImageFolderLoader, WebDatasetLoader, expand_shards
+from data_recipes.loaders.llava import LlavaLoader
+from data_recipes.loaders.prompts import PromptsLoader
+from data_recipes.loaders.vqa import VQALoader
 from data_recipes.shapes_dataset import write_shapes_dataset
 from data_recipes.shapes_text import TAGS
 

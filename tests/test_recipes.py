@@ -10,15 +10,12 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from data_recipes.loaders import (
-    CaptionRecord,
-    DataError,
-    ImageFileRecord,
-    LlavaRecord,
-    PromptRecord,
-    VQARecord,
-    WebDatasetSample,
-)
+from data_recipes.loaders.base import DataError
+from data_recipes.loaders.captions import CaptionRecord
+from data_recipes.loaders.images import ImageFileRecord, WebDatasetSample
+from data_recipes.loaders.llava import LlavaRecord
+from data_recipes.loaders.prompts import PromptRecord
+from data_recipes.loaders.vqa import VQARecord
 from data_recipes.recipes import (
     MixedStream,
     RecipeError,

@@ -16,7 +16,8 @@ from PIL import Image
 
 from data_recipes import cli as data_cli
 from data_recipes.shapes_dataset import write_shapes_dataset
-from data_recipes.validate import Problem, detect_format, validate_dataset
+from data_recipes.validate import detect_format, validate_dataset
+from data_recipes.validate.checks import Problem
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
