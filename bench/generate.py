@@ -1,7 +1,7 @@
 """Decoding speed of the tiny MLLM preset: text tokens/s and images/s at batch 1 and 8, with the KV cache and
 without it (the same model recomputing the whole prefix at every step), measured side by side in one run.
 
-The model is the tiny preset (`mllm.presets.build_mllm("tiny")`: 4-layer 256-wide Qwen2, two 3-layer depth heads
+The model is the tiny preset (`mllm.presets.build("tiny")`: 4-layer 256-wide Qwen2, two 3-layer depth heads
 128 wide, 8x8 grids of depth 4, K=1024) on the untrained tiny DualToken tokenizer's codebooks and a SentencePiece
 text tokenizer trained here on shapes-world captions; weights are random, which does not change the cost of a step.
 
@@ -33,9 +33,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mllm import presets  # noqa: E402
 from mllm.generation import GenerationSettings, generate_chat, generate_images  # noqa: E402
-from mllm.presets import build_mllm  # noqa: E402
-from mllm.processor import DualTokenProcessor  # noqa: E402
 from mllm.sequence import SPECIAL_TOKENS  # noqa: E402
 from tokenizer.text_tokenizer import train_text_tokenizer  # noqa: E402
 
@@ -62,8 +61,8 @@ def build(tmp: Path, **overrides):
         )
     torch.manual_seed(0)
     image_tokenizer = build_tokenizer("tiny").eval()
-    model = build_mllm("tiny", image_tokenizer, text_tokenizer, **overrides).eval()
-    return model, DualTokenProcessor(text_tokenizer, image_tokenizer)
+    model, processor = presets.build("tiny", text_tokenizer, image_tokenizer, **overrides)
+    return model.eval(), processor
 
 
 def random_codes(model, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

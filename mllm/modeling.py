@@ -184,22 +184,19 @@ class DualTokenMLLM(PreTrainedModel):
     def from_llm(
         cls,
         llm_dir_or_config: str | os.PathLike | PretrainedConfig | dict,
-        tokenizer_model: Any | None,
-        text_tokenizer: Any,
+        processor: Any,
         *,
         attn_implementation: str | None = None,
         dtype: torch.dtype | None = None,
         **config_kwargs: Any,
     ) -> DualTokenMLLM:
-        """Wrap a causal LM: a local HF directory (pretrained weights) or a config (random init).
+        """Wrap a causal LM: a local HF directory (pretrained weights) or a config (random init), for a
+        `DualTokenProcessor` built first (its text tokenizer already holds the special tokens).
 
-        The text tokenizer gets the multimodal special tokens (added when missing), the LLM embeddings are
-        resized to hold them, and the code embeddings are copied from `tokenizer_model` (when given; otherwise
-        call `set_code_embeddings`). `config_kwargs` are `DualTokenMLLMConfig` fields.
+        The LLM embeddings are resized to hold the processor's vocabulary, the special ids are recorded, and the
+        code embeddings are copied from the processor's image tokenizer (when it has one; otherwise call
+        `set_code_embeddings`). `config_kwargs` are `DualTokenMLLMConfig` fields.
         """
-        from mllm.processor import ensure_special_tokens
-
-        ensure_special_tokens(text_tokenizer)
         attn = attn_implementation or default_attn_implementation()
         if isinstance(llm_dir_or_config, (str, os.PathLike)):
             path = Path(llm_dir_or_config)
@@ -215,25 +212,23 @@ class DualTokenMLLM(PreTrainedModel):
                 llm_config = AutoConfig.for_model(llm_config.pop("model_type"), **llm_config)
             llm = AutoModelForCausalLM.from_config(llm_config, attn_implementation=attn, dtype=dtype)
         config = DualTokenMLLMConfig(text_config=llm.config, attn_implementation=attn, **config_kwargs)
-        if tokenizer_model is not None:
-            model = cls.from_tokenizer(config, tokenizer_model, language_model=llm)
+        if processor.image_tokenizer is not None:
+            model = cls.from_tokenizer(config, processor.image_tokenizer, language_model=llm)
         else:
             model = cls(config, language_model=llm)
-        model.set_special_tokens(text_tokenizer)
+        model.set_special_tokens(processor)
         if dtype is not None:
             model.to(dtype)
         return model
 
-    def set_special_tokens(self, text_tokenizer: Any) -> None:
-        """Record the multimodal special ids of `text_tokenizer` and grow the LLM embeddings when needed."""
-        from mllm.processor import special_token_ids
-
-        ids = special_token_ids(text_tokenizer)
+    def set_special_tokens(self, processor: Any) -> None:
+        """Record the processor's multimodal special ids and grow the LLM embeddings to its vocabulary when needed."""
+        vocabulary = len(processor.tokenizer)
         rows = self.get_input_embeddings().num_embeddings
-        if len(text_tokenizer) > rows:
-            self.resize_token_embeddings(len(text_tokenizer))
-            rows = len(text_tokenizer)
-        for name, value in ids.items():
+        if vocabulary > rows:
+            self.resize_token_embeddings(vocabulary)
+            rows = vocabulary
+        for name, value in processor.ids.items():
             setattr(self.config, name, value)
         self.config.visual_token_offset = rows
 

@@ -101,6 +101,40 @@ def mllm_config(
     raise ValueError(f"unknown MLLM preset {preset!r}; expected one of {PRESETS}")
 
 
+def build(
+    preset: str,
+    text_tokenizer: Any,
+    image_tokenizer: Any | None = None,
+    llm_dir: str | os.PathLike | None = None,
+    **overrides: Any,
+):
+    """(DualTokenMLLM, DualTokenProcessor) of a preset, by the one construction path: the processor first (its
+    text tokenizer gets the special tokens it lacks, there and only there), then the model from it. "tiny" builds a
+    randomly initialised tiny Qwen2 sized to the processor's vocabulary; "paper" loads the pretrained LLM weights
+    from `llm_dir`. The code geometry and embeddings come from `image_tokenizer` when given (otherwise the
+    preset's geometry, and the caller sets the code embeddings)."""
+    from mllm.modeling import DualTokenMLLM
+    from mllm.processor import DualTokenProcessor
+
+    if preset == "tiny":
+        fields = tiny_fields(**overrides)
+    elif preset == "paper":
+        if llm_dir is None:
+            raise ValueError("the 'paper' MLLM preset needs llm_dir (a local Qwen2.5-3B-Instruct directory)")
+        fields = paper_fields(llm_dir, **overrides)
+    else:
+        raise ValueError(f"unknown MLLM preset {preset!r}; expected one of {PRESETS}")
+    text_config = fields.pop("text_config")
+    geometry = (
+        {}
+        if image_tokenizer is not None
+        else {"grid_size": fields["grid_size"], "rq_depth": fields["rq_depth"]}
+    )
+    processor = DualTokenProcessor(text_tokenizer, image_tokenizer, **geometry)
+    llm = llm_dir if preset == "paper" else {**text_config, "vocab_size": len(processor.tokenizer)}
+    return DualTokenMLLM.from_llm(llm, processor, **fields), processor
+
+
 def build_mllm(
     preset: str,
     tokenizer_model: Any | None,
@@ -108,21 +142,5 @@ def build_mllm(
     llm_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ):
-    """A ready `DualTokenMLLM` for a preset: "tiny" builds a randomly initialised tiny Qwen2 sized to the text
-    tokenizer; "paper" loads the pretrained LLM weights from `llm_dir`. The text tokenizer gets the special
-    tokens it lacks; the code embeddings come from `tokenizer_model` when given."""
-    from mllm.modeling import DualTokenMLLM
-    from mllm.processor import ensure_special_tokens
-
-    ensure_special_tokens(text_tokenizer)
-    if preset == "tiny":
-        fields = tiny_fields(**overrides)
-        text_config = {**fields.pop("text_config"), "vocab_size": len(text_tokenizer)}
-        return DualTokenMLLM.from_llm(text_config, tokenizer_model, text_tokenizer, **fields)
-    if preset == "paper":
-        if llm_dir is None:
-            raise ValueError("the 'paper' MLLM preset needs llm_dir (a local Qwen2.5-3B-Instruct directory)")
-        fields = paper_fields(llm_dir, **overrides)
-        fields.pop("text_config")
-        return DualTokenMLLM.from_llm(llm_dir, tokenizer_model, text_tokenizer, **fields)
-    raise ValueError(f"unknown MLLM preset {preset!r}; expected one of {PRESETS}")
+    """The model alone of `build` (for callers that make their processor themselves, as bench/vqa_ladder.py)."""
+    return build(preset, text_tokenizer, tokenizer_model, llm_dir, **overrides)[0]

@@ -86,15 +86,16 @@ def build_micro(text_tokenizer, model_type: str = "qwen2", seed: int = 0, image_
     fields.pop("text_config")
     fields.update(overrides)
     text_config = micro_text_config(model_type, len(text_tokenizer) + 8)
-    model = DualTokenMLLM.from_llm(text_config, image_tokenizer, text_tokenizer, **fields)
     if image_tokenizer is not None:
-        return model.eval(), DualTokenProcessor(text_tokenizer, image_tokenizer)
+        processor = DualTokenProcessor(text_tokenizer, image_tokenizer)
+        return DualTokenMLLM.from_llm(text_config, processor, **fields).eval(), processor
+    processor = DualTokenProcessor(text_tokenizer, grid_size=fields["grid_size"], rq_depth=fields["rq_depth"])
+    model = DualTokenMLLM.from_llm(text_config, processor, **fields)
     generator = torch.Generator().manual_seed(seed)
     shape = (fields["codebook_size"], fields["code_dim"])
     model.set_code_embeddings(
         torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
     )
-    processor = DualTokenProcessor(text_tokenizer, grid_size=fields["grid_size"], rq_depth=fields["rq_depth"])
     return model.eval(), processor
 
 

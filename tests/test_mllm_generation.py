@@ -250,16 +250,15 @@ def test_text_to_image_decodes_through_the_image_tokenizer(text_tokenizer):
     if image_tokenizer is None:
         pytest.skip("tokenizer.presets is not available")
     from mllm.modeling import DualTokenMLLM
-    from mllm.presets import build_mllm
-    from mllm.processor import DualTokenProcessor
+    from mllm.presets import build
 
     torch.manual_seed(0)
-    model = build_mllm(
-        "tiny", image_tokenizer, text_tokenizer, depth_head_width=64, depth_head_heads=2, depth_head_layers=1
-    ).eval()
+    model, processor = build(
+        "tiny", text_tokenizer, image_tokenizer, depth_head_width=64, depth_head_heads=2, depth_head_layers=1
+    )
+    model.eval()
     assert isinstance(model, DualTokenMLLM)
     assert torch.equal(model.pixel_code_embedding, image_tokenizer.codebook("pixel").float())
-    processor = DualTokenProcessor(text_tokenizer, image_tokenizer)
     result = generate_images(model, processor, ["a red circle"], GenerationSettings.tiny(cfg_scale=2.0))
     (image,) = result.images[0]
     size = model.config.image_size

@@ -42,7 +42,8 @@ def test_wraps_a_causal_lm_saved_in_a_local_directory(tmp_path, text_tokenizer, 
 
     fields = tiny_fields(depth_head_width=32, depth_head_heads=2, codebook_size=64, code_dim=8, grid_size=3)
     fields.pop("text_config")
-    model = DualTokenMLLM.from_llm(llm_dir, None, text_tokenizer, **fields).eval()
+    processor = DualTokenProcessor(text_tokenizer, grid_size=3, rq_depth=4)
+    model = DualTokenMLLM.from_llm(llm_dir, processor, **fields).eval()
     assert type(model.language_model).__name__ == type(llm).__name__
     assert model.config.text_config.model_type == model_type
     assert model.language_model.config._attn_implementation == "sdpa"
@@ -56,7 +57,6 @@ def test_wraps_a_causal_lm_saved_in_a_local_directory(tmp_path, text_tokenizer, 
     )
 
     model.set_code_embeddings(torch.randn(64, 8), torch.randn(64, 8))
-    processor = DualTokenProcessor(text_tokenizer, grid_size=3, rq_depth=4)
     batch = processor.collate(
         [processor.training_example(CONVERSATION, [random_codes(model, 1), random_codes(model, 2)])]
     )
@@ -75,7 +75,9 @@ def test_wraps_a_causal_lm_saved_in_a_local_directory(tmp_path, text_tokenizer, 
 
 def test_missing_llm_directory_is_a_clear_error(tmp_path, text_tokenizer):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        DualTokenMLLM.from_llm(tmp_path / "nowhere", None, text_tokenizer)
+        DualTokenMLLM.from_llm(
+            tmp_path / "nowhere", DualTokenProcessor(text_tokenizer, grid_size=3, rq_depth=4)
+        )
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])

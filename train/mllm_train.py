@@ -144,7 +144,7 @@ def build_model(model_args: ModelArguments, seed: int):
     from transformers import AutoTokenizer
 
     from mllm.modeling import DualTokenMLLM, default_attn_implementation
-    from mllm.presets import build_mllm, tiny_text_config
+    from mllm.presets import build, tiny_text_config
     from mllm.processor import IMAGE_TOKENIZER_DIRNAME, DualTokenProcessor
 
     attn = model_args.attn_implementation or default_attn_implementation()
@@ -167,8 +167,8 @@ def build_model(model_args: ModelArguments, seed: int):
     if model_args.preset == "tiny" and "text_config" in overrides:
         overrides["text_config"] = {**tiny_text_config(), **overrides["text_config"]}
     overrides["attn_implementation"] = attn
-    model = build_mllm(
-        model_args.preset, image_tokenizer, text_tokenizer, llm_dir=model_args.llm_path, **overrides
+    model, processor = build(
+        model_args.preset, text_tokenizer, image_tokenizer, llm_dir=model_args.llm_path, **overrides
     )
     if image_tokenizer is None:
         generator = torch.Generator().manual_seed(seed)
@@ -178,10 +178,7 @@ def build_model(model_args: ModelArguments, seed: int):
         )
     else:
         model.config.image_tokenizer_path = IMAGE_TOKENIZER_DIRNAME
-    cfg = model.config
-    return model, DualTokenProcessor(
-        text_tokenizer, image_tokenizer, grid_size=cfg.grid_size, rq_depth=cfg.rq_depth
-    )
+    return model, processor
 
 
 def configure_trainable(model, processor, model_args: ModelArguments):
