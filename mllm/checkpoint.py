@@ -34,7 +34,7 @@ def load_checkpoint(
     `dtype` applies to the LLM, projectors and heads; the image tokenizer stays float32. Raises FileNotFoundError
     naming the missing file and ValueError when the model and processor disagree.
     """
-    from mllm.generation import check_compatible
+    from mllm.decoding import check_compatible
 
     path = Path(directory)
     for name in ("config.json", PROCESSOR_CONFIG_NAME):

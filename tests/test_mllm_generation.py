@@ -8,7 +8,8 @@ import torch
 from mllm_testing import build_micro, random_codes, tiny_image_tokenizer, train_text_tokenizer
 from torch import nn
 
-from mllm.generation import GenerationSettings, decode_step, generate_chat, generate_images, prefill
+from mllm.decoding import decode_step, prefill
+from mllm.generation import GenerationSettings, generate_chat, generate_images
 from mllm.sampling import RowGenerators, cfg_mix, filter_logits, sample_logits
 
 

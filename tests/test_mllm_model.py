@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from mllm_testing import build_micro, random_codes, train_text_tokenizer
 from transformers.cache_utils import DynamicCache
 
+from mllm.decoding import DecodeState, decode_step, stacked_heads
 from mllm.depth_head import DepthHead, StackedDepthHeads
-from mllm.generation import DecodeState, decode_step, stacked_heads
 from mllm.sampling import RowGenerators, cfg_mix
 from mllm.sequence import positions_from_mask
 
