@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -19,10 +18,6 @@ from data_recipes.image_io import (
 
 OnBadSample = Literal["error", "skip"]
 ON_BAD_SAMPLE: tuple[str, ...] = ("error", "skip")
-IMAGE_PLACEHOLDER = "<image>"
-LLAVA_ROLES: tuple[str, ...] = ("human", "gpt", "system")
-WEBDATASET_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-VQA_ANSWERS_PER_QUESTION = 10
 _EXAMPLES_PER_REASON = 3
 
 
@@ -67,40 +62,6 @@ class SkipCounter:
         for kind, count in self.counts.most_common():
             lines.append(f"  {kind}: {count} (e.g. {self.examples[kind][0]})")
         return "\n".join(lines)
-
-
-def _describe(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _expected(name: str, what: str, value: object) -> str:
-    return f"{name!r}: expected {what}, got {_describe(value)}"
-
-
-def _nonempty_str(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _int_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _resolve(root: Path, reference: str) -> Path:
-    path = Path(reference)
-    return path if path.is_absolute() else root / path
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise DataError(path, None, f"file not found; expected a {what} JSON file", "missing_file")
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(
-            path, None, f"cannot parse JSON ({exc}); expected a {what} file", "invalid_json"
-        ) from exc
 
 
 class Loader:

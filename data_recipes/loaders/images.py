@@ -22,7 +22,10 @@ from data_recipes.image_io import (
     load_image,
     probe_image,
 )
-from data_recipes.loaders.base import WEBDATASET_IMAGE_EXTENSIONS, DataError, Loader, _describe, _nonempty_str
+from data_recipes.loaders.base import DataError, Loader
+from data_recipes.loaders.fields import _describe, _nonempty_str
+
+WEBDATASET_IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 # --- image folder -------------------------------------------------------------------------------------------
 

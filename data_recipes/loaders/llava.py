@@ -14,17 +14,11 @@ from data_recipes.image_io import (
     DEFAULT_MAX_PIXELS,
     load_image,
 )
-from data_recipes.loaders.base import (
-    IMAGE_PLACEHOLDER,
-    LLAVA_ROLES,
-    DataError,
-    Loader,
-    _expected,
-    _int_id,
-    _nonempty_str,
-    _read_json,
-    _resolve,
-)
+from data_recipes.loaders.base import DataError, Loader
+from data_recipes.loaders.fields import _expected, _int_id, _nonempty_str, _read_json, _resolve
+
+IMAGE_PLACEHOLDER = "<image>"
+LLAVA_ROLES: tuple[str, ...] = ("human", "gpt", "system")
 
 # --- LLaVA conversations -------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from data_recipes.image_io import (
     DEFAULT_MAX_PIXELS,
     load_image,
 )
-from data_recipes.loaders.base import DataError, Loader, _expected, _int_id, _nonempty_str, _resolve
+from data_recipes.loaders.base import DataError, Loader
+from data_recipes.loaders.fields import _expected, _int_id, _nonempty_str, _resolve
 
 # --- prompt JSONL -------------------------------------------------------------------------------------------
 

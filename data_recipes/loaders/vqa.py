@@ -14,17 +14,10 @@ from data_recipes.image_io import (
     DEFAULT_MAX_PIXELS,
     load_image,
 )
-from data_recipes.loaders.base import (
-    VQA_ANSWERS_PER_QUESTION,
-    DataError,
-    Loader,
-    _describe,
-    _expected,
-    _int_id,
-    _nonempty_str,
-    _read_json,
-    _resolve,
-)
+from data_recipes.loaders.base import DataError, Loader
+from data_recipes.loaders.fields import _describe, _expected, _int_id, _nonempty_str, _read_json, _resolve
+
+VQA_ANSWERS_PER_QUESTION = 10
 
 # --- VQAv2 ----------------------------------------------------------------------------------------------------
 
