@@ -2,7 +2,9 @@
 
 `dualtoken demo --out runs/demo` runs the stages in order. A stage writes its outputs under the run directory and,
 last, a marker `stages/<name>.json` with its summary; a re-run skips every stage whose marker exists, so an
-interrupted demo continues where it stopped. `--from STAGE` forces that stage and all later ones to run again.
+interrupted demo continues where it stopped. The training stages (teacher, tokenizer, both MLLM stages) checkpoint as
+they go, and a stage that was interrupted continues from its newest checkpoint (to the result an uninterrupted run
+reaches) instead of from its start. `--from STAGE` forces that stage and all later ones to run again from scratch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class DemoContext:
     out: Path
     settings: DemoSettings
     summaries: dict[str, dict] = field(default_factory=dict)
+    # False while a stage runs because --from forced it (it starts from scratch); True while it runs because it
+    # has not finished (a training stage then continues from its newest checkpoint, if any).
+    resume: bool = True
 
     @property
     def data_dir(self) -> Path:
@@ -93,12 +98,16 @@ def stage_validate(ctx: DemoContext) -> dict:
 
 def stage_teacher(ctx: DemoContext) -> dict:
     from tokenizer.teacher import TeacherSettings, train_teacher, write_zero_shot, zero_shot_eval
+    from tokenizer.teacher_checkpoint import work_dir
 
-    out = _fresh(ctx.path("teacher"))
+    out = ctx.path("teacher")
+    if not ctx.resume:
+        _fresh(out)
+        _fresh(work_dir(out))
     settings = TeacherSettings(
         steps=ctx.settings.teacher_steps, seed=ctx.settings.seed, threads=ctx.settings.threads
     )
-    metrics = train_teacher(ctx.data_dir, out, settings)
+    metrics = train_teacher(ctx.data_dir, out, settings, resume=ctx.resume)
     result = zero_shot_eval(out, ctx.data_dir, split="test")
     write_zero_shot(out, result)
     return {
@@ -123,10 +132,15 @@ def _tokenizer_settings(ctx: DemoContext):
 
 
 def stage_tokenizer(ctx: DemoContext) -> dict:
-    from tokenizer.train import train_tokenizer
+    from tokenizer.train import checkpoint_dirs, train_tokenizer
 
-    out = _fresh(ctx.path("tokenizer"))
-    metrics = train_tokenizer(ctx.data_dir, out, _tokenizer_settings(ctx), teacher_dir=ctx.path("teacher"))
+    out = ctx.path("tokenizer")
+    resume = ctx.resume and bool(checkpoint_dirs(out))
+    if not resume:
+        _fresh(out)
+    metrics = train_tokenizer(
+        ctx.data_dir, out, _tokenizer_settings(ctx), teacher_dir=ctx.path("teacher"), resume=resume
+    )
     return {"tokenizer": str(out), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
 
 
@@ -172,11 +186,16 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
 
 
 def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str]) -> dict:
+    """Train one MLLM stage into `output`, continuing from its newest checkpoint when `ctx.resume` and it has one."""
     import torch
 
     from train.mllm_train import main as train_main
+    from train.trainer import last_complete_checkpoint
 
-    _fresh(output)
+    if ctx.resume and last_complete_checkpoint(output):
+        extra = [*extra, "--resume"]
+    else:
+        _fresh(output)
     split = ctx.data_dir / "train"
     torch.set_num_threads(ctx.settings.threads)
     argv = [
@@ -411,6 +430,7 @@ def run_demo(
             continue
         print(header, flush=True)
         ran_any = True
+        ctx.resume = stage.name not in forced
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         summary = stage.run(ctx)
         elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0

@@ -1,11 +1,12 @@
-"""Exact resume of `train.mllm_train` (one process, full and LoRA; ZeRO-2 with two): a run SIGKILLed at random moments
-and continued with `--resume` each time ends with the weights of the uninterrupted run.
+"""Exact resume of `train.mllm_train` (one process, full and LoRA; ZeRO-2 and ZeRO-3 with two): a run SIGKILLed at
+random moments and continued with `--resume` each time ends with the weights of the uninterrupted run.
 
 Each run trains the micro model on 25 examples, 4 a step on each process (1 process: 12 steps, 7 an epoch; ZeRO-2
-with 2 processes: 10 steps, 4 an epoch), with a checkpoint every 2 steps, 2 kept. The kills are drawn from a seed
-(RESUME_TEST_SEED=N replays one): one at a random moment of the first epoch, one at a random moment after a
+or ZeRO-3 with 2 processes: 10 steps, 4 an epoch), with a checkpoint every 2 steps, 2 kept. The kills are drawn from
+a seed (RESUME_TEST_SEED=N replays one): one at a random moment of the first epoch, one at a random moment after a
 checkpoint in the middle of a later epoch (the resume skips the first part of that epoch), and one after the last
-step, before the final model is saved (the resume starts from the last checkpoint).
+step, before the final model is saved (the resume starts from the last checkpoint). ZeRO-3 took 300 s on a loaded
+2-core machine (all are marked slow: `-m 'not slow'` leaves them out).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ IMAGES = 12
 EXAMPLES = 2 * IMAGES + 1  # a LLaVA record and a prompt per image, one text-only record
 BATCH, SAVE_STEPS = 4, 2
 # variant: (processes, steps; neither a whole number of epochs, so the last resume starts mid-epoch)
-VARIANTS = {"full": (1, 12), "lora": (1, 12), "zero2": (2, 10)}
+VARIANTS = {"full": (1, 12), "lora": (1, 12), "zero2": (2, 10), "zero3": (2, 10)}
 pytestmark = pytest.mark.timeout(400)
 
 
@@ -92,8 +93,8 @@ def test_killed_at_random_moments_and_resumed_ends_with_the_uninterrupted_weight
             lora_dropout=0.1,  # draws from the global RNG: the restored RNG state matters
             lora_target_modules=["q_proj", "v_proj"],
         )
-    elif variant == "zero2":
-        overrides["deepspeed"] = "zero2"
+    elif variant in ("zero2", "zero3"):
+        overrides["deepspeed"] = variant
     seed = int(os.environ.get("RESUME_TEST_SEED", random.randrange(10**6)))
     plan = _kill_plan(random.Random(seed), -(-EXAMPLES // (BATCH * nproc)), max_steps)
     context = f"RESUME_TEST_SEED={seed}, kills {plan}"

@@ -41,7 +41,7 @@ def _teacher(args) -> int:
     }
     try:
         settings = TeacherSettings(**overrides)
-        metrics = train_teacher(args.data, args.out, settings, progress=not args.quiet)
+        metrics = train_teacher(args.data, args.out, settings, progress=not args.quiet, resume=args.resume)
         result = zero_shot_eval(args.out, args.data, split=args.eval_split)
     except (ValueError, FileNotFoundError) as error:
         print(f"dualtoken tokenizer teacher: error: {error}", file=sys.stderr)
@@ -72,6 +72,21 @@ def register_teacher(tok_sub) -> None:
     parser.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every",
+        type=int,
+        help="steps between checkpoints, 0 for none (default: TeacherSettings.checkpoint_every)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints", dest="keep_checkpoints", type=int, help="checkpoints kept, 0 for all"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run into --out from its newest checkpoint (same data and settings); a "
+        "teacher already finished there with them is kept as it is",
+    )
     parser.add_argument(
         "--bf16", action="store_true", default=None, help="bf16 autocast (fast on CPUs with native bf16)"
     )

@@ -5,7 +5,8 @@ The vision tower has the tiny DualToken backbone's geometry (64 px, patch 8 -> 8
 the tokenizer initialises from it and distils toward it. The text tower is small; its SentencePiece tokenizer is
 trained on the dataset's train captions with `tokenizer.text_tokenizer.train_text_tokenizer`.
 
-Teacher directory (written atomically: built in a temporary sibling, then renamed over `out_dir`):
+Teacher directory (written atomically: built in the sibling `.<name>.partial/`, then renamed over `out_dir`; the
+run's checkpoints live there until then, and a killed run continues with `resume=True`, see teacher_checkpoint):
     config.json + model.safetensors   the SiglipModel (`SiglipModel.from_pretrained(dir)`); the vision tower alone
                                       loads with `SiglipVisionModel.from_pretrained(dir)` (the text weights are
                                       reported as unexpected and skipped)
@@ -35,7 +36,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,6 +52,14 @@ from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 from data_recipes.atomic_io import atomic_write_text
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
 from data_recipes.shapes_text import POSITION_PHRASES, class_labels
+from tokenizer.teacher_checkpoint import (
+    CHECKPOINTS,
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+    settings_mismatch,
+    work_dir,
+)
 from tokenizer.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
 
 METRICS_NAME = "teacher_metrics.json"
@@ -91,6 +99,8 @@ class TeacherSettings:
     threads: int = 2
     log_every: int = 20
     eval_every: int = 0
+    checkpoint_every: int = 100  # 0: no checkpoints (then an interrupted run cannot be resumed)
+    keep_checkpoints: int = 1  # 0 keeps every one
 
     def __post_init__(self) -> None:
         for name in (
@@ -124,8 +134,10 @@ class TeacherSettings:
                 f"TeacherSettings.single_object_fraction: expected None or a share in [0, 1], "
                 f"got {self.single_object_fraction!r}"
             )
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            raise ValueError(f"TeacherSettings.eval_every: expected an integer >= 0, got {self.eval_every!r}")
+        for name in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TeacherSettings.{name}: expected an integer >= 0, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"TeacherSettings.lr: expected a positive learning rate, got {self.lr!r}")
 
@@ -376,22 +388,36 @@ def _lr_factor(step: int, settings: TeacherSettings) -> float:
     return settings.min_lr_ratio + (1.0 - settings.min_lr_ratio) * cosine
 
 
-def _prepare_out_dir(out: Path) -> Path:
-    """A fresh temporary sibling of `out`; refuses to later replace a non-empty directory that is not a teacher."""
+def _check_out_dir(out: Path) -> None:
+    """Refuse an `out` that exists and is not a teacher directory (it would be replaced)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / METRICS_NAME).is_file())):
         raise ValueError(f"out_dir: {out} exists and is not a teacher directory; choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _finished_teacher(out: Path, root: Path, settings: TeacherSettings) -> dict[str, Any] | None:
+    """The metrics of a finished teacher in `out` trained on `root` with `settings` (up to FREE_SETTINGS), else
+    None; a checkpoints/ left by a run killed right after publishing is deleted."""
+    try:
+        metrics = json.loads((out / METRICS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if metrics.get("dataset") != str(root) or settings_mismatch(
+        metrics.get("settings", {}), asdict(settings)
+    ):
+        return None
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    return metrics
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Rename the finished `work` over `out` (the old `out` is moved aside first, then deleted)."""
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(work, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(work, out)
 
 
 def _optimizer(model: SiglipModel, settings: TeacherSettings) -> torch.optim.Optimizer:
@@ -416,7 +442,7 @@ def _optimizer(model: SiglipModel, settings: TeacherSettings) -> torch.optim.Opt
 class _BatchSampler:
     """Image indices per step: with `single_object_fraction`, that share of each batch from the single-object
     images (the zero-shot targets) and the rest from the others, each pool in epochs of random permutations;
-    without it, epochs over all images."""
+    without it, epochs over all images. Its state (permutations, cursors, generator) goes into checkpoints."""
 
     def __init__(
         self, objects: Sequence[Sequence[dict]], settings: TeacherSettings, generator: torch.Generator
@@ -448,32 +474,76 @@ class _BatchSampler:
                 needed -= len(chunk)
         return torch.cat(parts)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The permutations being read and the generator's state (the cursors are `self.cursors`)."""
+        orders = {f"order{k}": order.contiguous() for k, order in enumerate(self.orders)}
+        return {"generator": self.generator.get_state(), **orders}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], cursors: Sequence[int]) -> None:
+        """Continue from `state_tensors()` and cursors saved by a run over the same images and settings."""
+        orders = [tensors.get(f"order{k}") for k in range(len(self.pools))]
+        if len(cursors) != len(self.pools) or any(
+            order is None or len(order) != len(pool) for order, pool in zip(orders, self.pools)
+        ):
+            raise ValueError("the checkpoint's batch sampler read other images (the dataset changed?)")
+        self.generator.set_state(tensors["generator"])
+        self.orders, self.cursors = orders, [int(c) for c in cursors]
+
 
 def train_teacher(
     dataset_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     settings: TeacherSettings | None = None,
     progress: bool = True,
+    resume: bool = False,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the teacher on the train split of a shapes-world dataset and save it to `out_dir`; return its metrics
-    (settings, first/last loss, seconds, throughput, validation zero-shot when the dataset has a val split)."""
+    (settings, first/last loss, seconds, throughput, validation zero-shot when the dataset has a val split).
+
+    Checkpoints every `settings.checkpoint_every` steps and after the last (`tokenizer.teacher_checkpoint`).
+    `resume=True` continues an interrupted run from its newest checkpoint to the weights of an uninterrupted run,
+    returns the metrics of a teacher finished in `out_dir` from the same data and settings without training, and
+    otherwise starts afresh; `resume=False` refuses to discard an interrupted run's checkpoints.
+    `on_event(moment, step)` is called at 'begin' (step about to run), 'end' (its optimizer step done), 'saved'
+    (its checkpoint complete), 'trained' (every step done, nothing saved yet) and 'published' (the teacher renamed
+    into place, its checkpoints not yet deleted); the tests kill runs there.
+    """
     settings = settings or TeacherSettings()
     root, out = Path(dataset_dir), Path(out_dir)
+    event = on_event or (lambda moment, step: None)
+    _check_out_dir(out)
+    work = work_dir(out)
+    existing = checkpoint_dirs(work)
+    if existing and not resume:
+        raise ValueError(
+            f"out_dir: {work} holds the checkpoints of an interrupted run (newest {existing[-1][1].name}); pass "
+            f"resume=True (--resume) to continue it, or delete {work} to start again"
+        )
+    if resume and not existing:
+        finished = _finished_teacher(out, root, settings)
+        if finished is not None:
+            return finished
     start, cpu_start = time.perf_counter(), time.process_time()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
-    tmp = _prepare_out_dir(out)
+    if not existing:  # a run killed before its first checkpoint left nothing worth keeping
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
     try:
         image_files, captions, objects = _load_captions(root, "train")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="vocab_size: the text supports")
-            tokenizer = train_text_tokenizer(
-                [c for group in captions for c in group] + class_labels(),
-                tmp,
-                vocab_size=settings.text_vocab_size,
-                special_tokens=(),
-                seed=settings.seed,
-            )
+        if existing:
+            tokenizer = load_text_tokenizer(work)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="vocab_size: the text supports")
+                tokenizer = train_text_tokenizer(
+                    [c for group in captions for c in group] + class_labels(),
+                    work,
+                    vocab_size=settings.text_vocab_size,
+                    special_tokens=(),
+                    seed=settings.seed,
+                )
         per_image = min(len(group) for group in captions)
         flat = [c for group in captions for c in group[:per_image]]
         lengths = [len(ids) for ids in tokenizer(flat).input_ids]
@@ -500,9 +570,18 @@ def train_teacher(
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
         generator = torch.Generator().manual_seed(settings.seed)
         sampler = _BatchSampler(objects, settings, generator)
-        writer = _summary_writer(tmp / "tb")
-        losses: list[float] = []
-        val_curve: list[tuple[int, float]] = []
+        identity = {"settings": asdict(settings), "dataset": str(root)}
+        start_step, losses, val_curve, before = 0, [], [], {}
+        if existing:
+            start_step, checkpoint = existing[-1]
+            state, tensors = load_checkpoint(checkpoint, identity, model, optimizer, scheduler)
+            sampler.load_state(tensors, state["cursors"])
+            losses, val_curve, before = (
+                state["losses"],
+                [tuple(v) for v in state["val_curve"]],
+                state["seconds"],
+            )
+        writer = _summary_writer(work / "tb", start_step)
 
         def validate(step: int) -> dict[str, Any] | None:
             if val is None:
@@ -516,10 +595,21 @@ def train_teacher(
                 writer.add_scalar("teacher/val_zero_shot_top1", scores["all"]["top1"], step)
             return scores
 
+        def seconds() -> dict[str, float]:
+            return {
+                "train": before.get("train", 0.0) + time.perf_counter() - train_start,
+                "total": before.get("total", 0.0) + time.perf_counter() - start,
+                "cpu": before.get("cpu", 0.0) + time.process_time() - cpu_start,
+            }
+
         model.train()
         train_start = time.perf_counter()
-        bar = tqdm(range(settings.steps), desc="teacher", unit="step", disable=not progress)
-        for step in bar:
+        bar = tqdm(
+            total=settings.steps, initial=start_step, desc="teacher", unit="step", disable=not progress
+        )
+        for step in range(start_step, settings.steps):
+            done = step + 1
+            event("begin", done)
             batch = sampler()
             variant = torch.randint(per_image, (len(batch),), generator=generator)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
@@ -534,19 +624,40 @@ def train_teacher(
             optimizer.step()
             scheduler.step()
             losses.append(output.loss.item())
-            if step % settings.log_every == 0 or step == settings.steps - 1:
+            bar.update(1)
+            event("end", done)
+            if step % settings.log_every == 0 or done == settings.steps:
                 bar.set_postfix(loss=f"{np.mean(losses[-settings.log_every :]):.3f}")
                 if writer is not None:
                     writer.add_scalar("teacher/loss", losses[-1], step)
                     writer.add_scalar("teacher/lr", scheduler.get_last_lr()[0], step)
                     writer.add_scalar("teacher/logit_scale", model.logit_scale.detach().exp().item(), step)
                     writer.add_scalar("teacher/logit_bias", model.logit_bias.detach().item(), step)
-            if settings.eval_every and (step + 1) % settings.eval_every == 0 and step + 1 < settings.steps:
-                validate(step + 1)
+            if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+                validate(done)
+            if settings.checkpoint_every and (
+                done % settings.checkpoint_every == 0 or done == settings.steps
+            ):
+                if writer is not None:
+                    writer.flush()
+                state = {"cursors": sampler.cursors, "losses": losses, "val_curve": val_curve}
+                state |= {"seconds": seconds(), **identity}
+                save_checkpoint(
+                    work,
+                    done,
+                    model,
+                    optimizer,
+                    scheduler,
+                    sampler.state_tensors(),
+                    state,
+                    settings.keep_checkpoints,
+                )
+                event("saved", done)
         bar.close()
-        train_seconds = time.perf_counter() - train_start
+        event("trained", settings.steps)
         model.eval()
         window = max(1, min(settings.log_every, len(losses) // 4))
+        elapsed = seconds()
         metrics: dict[str, Any] = {
             "settings": asdict(settings),
             "dataset": str(root),
@@ -554,13 +665,14 @@ def train_teacher(
             "text_vocab_size": len(tokenizer),
             "captions_truncated": truncated,
             "steps": settings.steps,
+            "resumed_from_step": start_step if existing else None,
             "loss_first": float(np.mean(losses[:window])),
             "loss_last": float(np.mean(losses[-window:])),
             "logit_scale": model.logit_scale.detach().exp().item(),
             "logit_bias": model.logit_bias.detach().item(),
             "load_seconds": load_seconds,
-            "train_seconds": train_seconds,
-            "pairs_per_second": settings.steps * settings.batch_size / train_seconds,
+            "train_seconds": elapsed["train"],
+            "pairs_per_second": settings.steps * settings.batch_size / elapsed["train"],
             "parameters": {
                 "vision": sum(p.numel() for p in model.vision_model.parameters()),
                 "text": sum(p.numel() for p in model.text_model.parameters()),
@@ -572,16 +684,20 @@ def train_teacher(
             metrics["val_top1_curve"] = val_curve
         if writer is not None:
             writer.close()
-        model.save_pretrained(tmp)
-        metrics["seconds"] = time.perf_counter() - start
-        metrics["cpu_seconds"] = time.process_time() - cpu_start
-        (tmp / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        _publish(tmp, out)
+        model.save_pretrained(work)
+        elapsed = seconds()
+        metrics["seconds"], metrics["cpu_seconds"] = elapsed["total"], elapsed["cpu"]
+        atomic_write_text(work / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
+        _publish(work, out)
+        event("published", settings.steps)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         return metrics
+    except BaseException:
+        if work.exists() and not checkpoint_dirs(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(previous_threads)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _has_split(root: Path, split: str) -> bool:
@@ -591,13 +707,14 @@ def _has_split(root: Path, split: str) -> bool:
         return False
 
 
-def _summary_writer(path: Path):
-    """A TensorBoard writer, or None when tensorboard is not installed."""
+def _summary_writer(path: Path, start_step: int):
+    """A TensorBoard writer (points from `start_step` on of an interrupted run are purged), or None when
+    tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=start_step or None)
 
 
 def write_zero_shot(teacher_dir: str | os.PathLike, result: dict[str, Any]) -> Path:

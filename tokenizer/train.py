@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -356,13 +357,16 @@ def train_tokenizer(
     teacher_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train a tokenizer on `settings.split` of `data` (shapes-world dataset, image folder or recipe), distilling from
     (and initialised by) the SigLIP at `teacher_dir`; save it to `out_dir` and return the run's metrics.
 
     `resume=True` continues from the newest finished checkpoint in `out_dir` (or starts fresh when there is none)
     and reaches the same weights as an uninterrupted run; `resume=False` refuses an `out_dir` that has
-    checkpoints already."""
+    checkpoints already. `on_event(moment, step)` is called at 'begin' (step about to run), 'end' (its optimizer
+    steps done), 'saved' (its checkpoint complete) and 'trained' (every step done, the final model not saved yet);
+    the tests kill runs there."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from torch.utils.data import DataLoader
@@ -371,6 +375,7 @@ def train_tokenizer(
     from tokenizer.losses import gan_active, generator_adversarial_loss, load_perceptual, teacher_targets
 
     settings = settings or TokenizerTrainSettings()
+    event = on_event or (lambda moment, step: None)
     if teacher_dir is None:
         raise ValueError(
             "train_tokenizer: teacher_dir is required (the SigLIP the tower starts from and distils to)"
@@ -452,6 +457,7 @@ def train_tokenizer(
             disable=not (progress and main),
         )
         for step, pixels in zip(range(start_step, settings.steps), loader):
+            event("begin", step + 1)
             pixels = pixels.to(accelerator.device)
             factor = lr_factor(step, settings)
             set_learning_rates(opt_g, factor)
@@ -491,6 +497,7 @@ def train_tokenizer(
                 window.setdefault(name, []).append(value)
             done = step + 1
             bar.update(1)
+            event("end", done)
             at_checkpoint = done % settings.checkpoint_every == 0 or done == settings.steps
             if done % settings.log_every == 0 or at_checkpoint:  # a resumed run logs the same windows
                 means = _mean_over_ranks(
@@ -514,7 +521,9 @@ def train_tokenizer(
                 _save_checkpoint(
                     accelerator, out, done, student, critic, opt_g, opt_d, history, seconds, settings
                 )
+                event("saved", done)
         bar.close()
+        event("trained", settings.steps)
         if writer is not None:
             writer.close()
         run_seconds = time.perf_counter() - run_start

@@ -4,8 +4,10 @@
 position (it skips the batches a checkpoint already consumed). Everything random in an item is a pure function
 of (seed, epoch, index): the caption-dropout draw of a T2I item, and the length-grouped order of
 `SeededLengthGroupedSampler`; a resumed run therefore sees exactly the batches the uninterrupted one would.
-(The epoch reaches the dataset through `set_epoch` before each epoch's workers start, so persistent
-DataLoader workers would keep epoch 0's draws: leave `dataloader_persistent_workers` off.)
+(The epoch reaches the dataset and the sampler through their `set_epoch`, called by `MLLMTrainer` before each epoch,
+resumed ones included, not by the DataLoader: accelerate's batch-skipping loader of a resumed epoch would not pass it
+on. Workers copy the dataset when they start, so persistent DataLoader workers would keep epoch 0's draws: leave
+`dataloader_persistent_workers` off.)
 
 Sources:
 - LLaVA JSON: a list of {"image": path | [paths] (optional), "conversations": [{"from": "human"|"gpt"|"system",
@@ -257,7 +259,7 @@ class MLLMTrainingData(Dataset):
         return min(estimate, self.max_length) if self.max_length else estimate
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer's dataloader at each epoch (caption dropout draws depend on it)."""
+        """Called by `MLLMTrainer` before each epoch (caption dropout draws depend on it)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
