@@ -163,8 +163,14 @@ def test_captions_and_chat_score_logged_outputs(setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "chat_predictions.jsonl").read_text().splitlines()]
     assert chat_metrics["num_turns"] == len(rows) == 4
     assert chat_metrics["overall"] == pytest.approx(100.0 * sum(r["correct"] for r in rows) / len(rows))
-    # Turn indices come from the conversations' structure: the first sample is turn 1 of its chat.
-    assert rows[0]["turn"] == 0 and rows[0]["sample_id"].endswith("/0")
+    # Turn indices come from the conversations' structure: turn t asks the chat's (t+1)-th human message and is
+    # scored against the assistant message after it.
+    chats = {r["id"]: r["conversations"] for r in json.loads((split / "llava.json").read_text())}
+    for row in rows:
+        record_id, turn = row["sample_id"].rsplit("/", 1)
+        assert int(turn) == row["turn"]
+        assert row["question"] == chats[record_id][2 * row["turn"]]["value"]
+        assert row["reference"] == chats[record_id][2 * row["turn"] + 1]["value"]
 
 
 def test_chat_scoring_accepts_the_reference_reply(setup, tmp_path, monkeypatch):
