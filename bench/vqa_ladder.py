@@ -1,7 +1,7 @@
 """The understanding ladder: where between a clean-token calibration and the demo model does VQA get lost?
 
-Each rung trains the project's own tiny `DualTokenMLLM` (built by `mllm.presets.build_mllm`, examples formatted
-by `DualTokenProcessor`, the model's own loss) from scratch on shapes-world VQA and scores it on the same held-out
+Each rung trains the project's own tiny `DualTokenMLLM` (built by `mllm.presets.build`, examples formatted
+by its `DualTokenProcessor`, the model's own loss) from scratch on shapes-world VQA and scores it on the same held-out
 test questions, per question type, with greedy decoding through `mllm.generation.generate_chat`. Rungs differ
 in one thing each:
 
@@ -125,21 +125,16 @@ class CodeSource:
 
 
 def build(args, source: CodeSource, text_tokenizer):
-    from mllm.presets import build_mllm
-    from mllm.processor import DualTokenProcessor
+    from mllm.presets import build
 
     overrides = {"image_position_embedding": args.position, "input_cell_norm": not args.no_cell_norm}
     if args.rung == "sem+pixel":
         overrides["understanding_tokens"] = "semantic+pixel"
-    model = build_mllm("tiny", source.tokenizer, text_tokenizer, **overrides)
+    model, processor = build("tiny", text_tokenizer, source.tokenizer, **overrides)
     if source.tokenizer is None:
         g = torch.Generator().manual_seed(args.seed)
         shape = model.pixel_code_embedding.shape
         model.set_code_embeddings(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-    cfg = model.config
-    processor = DualTokenProcessor(
-        text_tokenizer, source.tokenizer, grid_size=cfg.grid_size, rq_depth=cfg.rq_depth
-    )
     return model, processor
 
 

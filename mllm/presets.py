@@ -133,14 +133,3 @@ def build(
     processor = DualTokenProcessor(text_tokenizer, image_tokenizer, **geometry)
     llm = llm_dir if preset == "paper" else {**text_config, "vocab_size": len(processor.tokenizer)}
     return DualTokenMLLM.from_llm(llm, processor, **fields), processor
-
-
-def build_mllm(
-    preset: str,
-    tokenizer_model: Any | None,
-    text_tokenizer: Any,
-    llm_dir: str | os.PathLike | None = None,
-    **overrides: Any,
-):
-    """The model alone of `build` (for callers that make their processor themselves, as bench/vqa_ladder.py)."""
-    return build(preset, text_tokenizer, tokenizer_model, llm_dir, **overrides)[0]
