@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-from test_tokenizer_train import MICRO_TEACHER, micro_settings
 
-from data_recipes.shapes_dataset import write_shapes_dataset
+# The module fixtures `one_thread` (autouse) and `dataset` are the tokenizer training tests' own.
+from test_tokenizer_train import MICRO_TEACHER, dataset, micro_settings, one_thread  # noqa: F401
+
 from tokenizer.teacher import METRICS_NAME, TeacherSettings, train_teacher
 from tokenizer.teacher_checkpoint import checkpoint_dirs, work_dir
 from tokenizer.train import train_tokenizer
@@ -75,21 +75,6 @@ def max_abs_diff(expected: Path, got: Path) -> float:
     a, b = load_file(expected / "model.safetensors"), load_file(got / "model.safetensors")
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes") / "data"
-    write_shapes_dataset(root, n=80, size=32, workers=0, verbose=False)
-    return root
 
 
 @pytest.fixture(scope="module")
