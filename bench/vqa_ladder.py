@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_recipes.shapes import SIZE_RADIUS, Scene  # noqa: E402
-from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, vqa_items  # noqa: E402
+from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, distinct_vqa_items, vqa_dialogue  # noqa: E402
 from eval.vqa_accuracy import normalize_answer  # noqa: E402
+from train.data import llava_messages  # noqa: E402
 
 TYPES = ("color", "shape", "count", "position", "existence")
 
@@ -67,23 +68,12 @@ def oracle_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
 
 def dense_items(scene: Scene, rng: random.Random, turns: int) -> list[dict]:
     """Up to `turns` distinct VQA items about one scene (drawn from several `vqa_items` rounds)."""
-    seen, items = set(), []
-    for _ in range(4 * turns):
-        for item in vqa_items(scene, rng):
-            if item["question"] not in seen:
-                seen.add(item["question"])
-                items.append(item)
-    rng.shuffle(items)
-    return items[:turns]
+    return distinct_vqa_items(scene, rng, 4 * turns)[:turns]
 
 
 def conversation(items: list[dict]) -> list[dict]:
-    messages = []
-    for i, item in enumerate(items):
-        prefix = "<image>\n" if i == 0 else ""
-        messages.append({"role": "user", "content": prefix + item["question"] + SHORT_ANSWER_SUFFIX})
-        messages.append({"role": "assistant", "content": item["answer"]})
-    return messages
+    """The training data's multi-turn VQA conversation of `items`, as processor messages."""
+    return llava_messages({"conversations": vqa_dialogue(items)})
 
 
 class CodeSource:

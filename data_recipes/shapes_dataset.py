@@ -53,6 +53,7 @@ from data_recipes.shapes_text import (
     captions,
     chat,
     class_labels,
+    distinct_vqa_items,
     existence_item,
     make_prompt,
     vqa_dialogue,
@@ -199,18 +200,9 @@ def _vqa_subset(planned: PlannedScene, rng: random.Random, allowed: Sequence[tup
 
 
 def _training_vqa(scene, rng: random.Random, allowed: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    """The VQA conversation of a training record: every question of two `vqa_items` rounds about the scene
-    (about six to eight distinct ones, each question type and both existence answers), one short answer per turn.
-    Dense supervision: one pass over the image's cells teaches every answer of the conversation."""
-    seen: set[str] = set()
-    items = []
-    for _ in range(2):
-        for item in vqa_items(scene, rng, allowed):
-            if item["question"] not in seen:
-                seen.add(item["question"])
-                items.append(item)
-    rng.shuffle(items)
-    return vqa_dialogue(items)
+    """The VQA conversation of a training record: every distinct question of two `vqa_items` rounds about the scene
+    (about six to eight, each question type and both existence answers), one short answer per turn."""
+    return vqa_dialogue(distinct_vqa_items(scene, rng, 2, allowed))
 
 
 def _build_records(planned: PlannedScene, seed: int, size: int, allowed: Sequence[tuple[str, str]]) -> dict:

@@ -321,6 +321,22 @@ def vqa_items(
     return items
 
 
+def distinct_vqa_items(
+    scene: Scene, rng: random.Random, rounds: int, allowed_pairs: Collection[tuple[str, str]] | None = None
+) -> list[dict[str, str]]:
+    """The distinct questions (first occurrence kept) of `rounds` `vqa_items` rounds about `scene`, shuffled:
+    dense supervision for one image (every question type, both existence answers)."""
+    seen: set[str] = set()
+    items = []
+    for _ in range(rounds):
+        for item in vqa_items(scene, rng, allowed_pairs):
+            if item["question"] not in seen:
+                seen.add(item["question"])
+                items.append(item)
+    rng.shuffle(items)
+    return items
+
+
 # ---------------------------------------------------------------------------------------------------- chats
 def caption_request(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     """A single-turn LLaVA conversation asking for a caption."""
