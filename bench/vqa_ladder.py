@@ -175,6 +175,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log", type=Path, default=None)
     args = p.parse_args(argv)
+    for name in ("turns", "steps", "batch", "warmup", "eval_questions", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("data", "text_tokenizer") + (("tokenizer",) if args.rung != "oracle" else ()):
+        if not getattr(args, name).exists():
+            p.error(
+                f"--{name.replace('_', '-')} {getattr(args, name)} does not exist (run `make demo` first)"
+            )
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
