@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_recipes.shapes import SIZE_RADIUS, Scene  # noqa: E402
-from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, distinct_vqa_items, vqa_dialogue  # noqa: E402
+from data_recipes.shapes_text import POSITION_PHRASES, SHORT_ANSWER_SUFFIX, distinct_vqa_items, vqa_dialogue  # noqa: E402
 from eval.vqa_accuracy import normalize_answer  # noqa: E402
 from train.data import llava_messages  # noqa: E402
 
@@ -125,12 +125,42 @@ def build(args, source: CodeSource, text_tokenizer):
         g = torch.Generator().manual_seed(args.seed)
         shape = model.pixel_code_embedding.shape
         model.set_code_embeddings(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    if args.cell_input == "learned":
+        # A trainable embedding per depth-0 code in place of frozen code embeddings + projector (one learned
+        # vector per cell class, as the calibration's token embedding).
+        table = torch.nn.Embedding(model.config.codebook_size, model.config.hidden_size)
+        torch.nn.init.normal_(table.weight, std=0.02)
+        model.learned_cell_table = table
+
+        def learned_cells(pixel_codes, semantic_codes):
+            return table(semantic_codes[..., 0])
+
+        model.understanding_cell_embedding = learned_cells
+    elif args.cell_input == "trainable-codes":
+        # The model's own path (sum of code embeddings -> code MLP), but the semantic code table trains, starting
+        # from the tokenizer's codebook (or the oracle's random table).
+        table = torch.nn.Parameter(model.semantic_code_embedding.clone())
+        model.register_parameter("trainable_semantic_codes", table)
+        projector = model.understanding_projector
+
+        def trainable_cells(pixel_codes, semantic_codes):
+            return projector(table[semantic_codes.long()].sum(dim=-2))
+
+        model.understanding_cell_embedding = trainable_cells
     return model, processor
 
 
 def evaluate(
-    model, processor, source: CodeSource, questions: list[dict], answers: dict, batch: int = 64
+    model,
+    processor,
+    source: CodeSource,
+    questions: list[dict],
+    answers: dict,
+    batch: int = 64,
+    replies: list | None = None,
 ) -> dict:
+    """Per-type accuracy (color and shape also split by how the object is named: by its place or by an
+    attribute); `replies` collects [question, answer, reply] rows when given."""
     from mllm.generation import GenerationSettings, generate_chat
 
     settings = GenerationSettings.tiny(max_new_tokens=6, temperature=0.0, allow_image_output=False)
@@ -144,11 +174,16 @@ def evaluate(
         replies = generate_chat(model, processor, convs, images, settings)
         for q, reply in zip(chunk, replies):
             truth = answers[q["question_id"]]
-            correct[truth["question_type"]].append(
-                int(normalize_answer(reply.text) == normalize_answer(truth["multiple_choice_answer"]))
-            )
+            hit = int(normalize_answer(reply.text) == normalize_answer(truth["multiple_choice_answer"]))
+            if replies is not None:
+                replies.append([q["question"], truth["multiple_choice_answer"], reply.text])
+            correct[truth["question_type"]].append(hit)
+            if truth["question_type"] in ("color", "shape"):
+                by_place = any(phrase in q["question"] for phrase in POSITION_PHRASES.values())
+                correct[f"{truth['question_type']} by {'place' if by_place else 'attribute'}"].append(hit)
     per = {t: 100.0 * sum(v) / len(v) for t, v in correct.items()}
-    per["overall"] = 100.0 * sum(sum(v) for v in correct.values()) / sum(len(v) for v in correct.values())
+    main_types = [v for k, v in correct.items() if k in TYPES]
+    per["overall"] = 100.0 * sum(sum(v) for v in main_types) / sum(len(v) for v in main_types)
     return per
 
 
@@ -164,6 +199,13 @@ def main(argv=None) -> dict:
         "--no-cell-norm",
         action="store_true",
         help="feed input cells without centring + LayerNorm (the old model)",
+    )
+    p.add_argument(
+        "--cell-input",
+        choices=("projector", "learned", "trainable-codes"),
+        default="projector",
+        help="projector: frozen code embeddings -> code MLP (the model's path); learned: a trainable vector per "
+        "depth-0 code; trainable-codes: the projector path over a trainable copy of the semantic code table",
     )
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
@@ -239,11 +281,12 @@ def main(argv=None) -> dict:
             print(json.dumps(curve[-1]), flush=True)
     train_s = time.perf_counter() - t0
     model.eval()
-    result = evaluate(model, processor, source, questions, answers)
+    replies: list = []
+    result = evaluate(model, processor, source, questions, answers, replies=replies)
     row = {
-        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "steps": args.steps, "batch": args.batch,
+        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
-        **{k: round(v, 1) for k, v in result.items()}, "curve": curve,
+        **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": replies,
     }  # fmt: skip
     cols = ["overall", *TYPES]
     print(

@@ -97,8 +97,9 @@ def stage_validate(ctx: DemoContext) -> dict:
 
 
 def stage_teacher(ctx: DemoContext) -> dict:
-    from tokenizer.teacher import TeacherSettings, train_teacher, write_zero_shot, zero_shot_eval
+    from tokenizer.teacher import TeacherSettings, train_teacher
     from tokenizer.teacher_checkpoint import work_dir
+    from tokenizer.teacher_zero_shot import write_zero_shot, zero_shot_eval
 
     out = ctx.path("teacher")
     if not ctx.resume:

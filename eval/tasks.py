@@ -521,7 +521,7 @@ def generated_vs_real_fd(
     import torch
 
     from tokenizer.image_metrics import frechet_distance
-    from tokenizer.teacher import to_pixel_values
+    from tokenizer.teacher_data import to_pixel_values
     from tokenizer.train import load_teacher_tower
 
     teacher = load_teacher_tower(teacher_dir)

@@ -24,7 +24,7 @@ from tokenizer.evaluate import PSNR_CAP, codebook_statistics, evaluate_tokenizer
 from tokenizer.image_processing import reconstruction_grid
 from tokenizer.modeling import DualTokenModel
 from tokenizer.presets import preset_fields
-from tokenizer.teacher import zero_shot_eval
+from tokenizer.teacher_zero_shot import zero_shot_eval
 from tokenizer.train import train_tokenizer
 from train.data import build_training_data
 

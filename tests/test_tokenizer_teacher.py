@@ -13,15 +13,13 @@ from transformers import AutoTokenizer, SiglipModel, SiglipVisionModel
 from data_recipes.shapes_dataset import write_shapes_dataset
 from mllm.cli_text_tokenizer import register
 from mllm.console import main
-from tokenizer.teacher import (
-    METRICS_NAME,
-    TeacherSettings,
+from tokenizer.teacher import METRICS_NAME, TeacherSettings, train_teacher
+from tokenizer.teacher_data import to_pixel_values
+from tokenizer.teacher_zero_shot import (
     class_pairs,
     load_teacher,
     single_object_set,
     text_embeddings,
-    to_pixel_values,
-    train_teacher,
     zero_shot_eval,
 )
 

@@ -32,7 +32,8 @@ def format_zero_shot(result: dict) -> str:
 def _teacher(args) -> int:
     from dataclasses import fields
 
-    from tokenizer.teacher import TeacherSettings, train_teacher, write_zero_shot, zero_shot_eval
+    from tokenizer.teacher import TeacherSettings, train_teacher
+    from tokenizer.teacher_zero_shot import write_zero_shot, zero_shot_eval
 
     overrides = {
         f.name: getattr(args, f.name)

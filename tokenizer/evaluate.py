@@ -8,7 +8,7 @@ Metrics on one split (shapes-world dataset or image folder), every image encoded
   number on teacher features, not Inception rFID, and is comparable only between runs scored with the same teacher.
 - Zero-shot top-1 (shapes-world datasets): the semantic path's pooled embedding (`DualTokenModel.image_embedding`,
   the quantized semantic codes through the rest of the tower) scored against the teacher's text embeddings of the
-  48 color x shape class prompts (`tokenizer.teacher.zero_shot_eval`), next to the teacher's own image tower on the
+  48 color x shape class prompts (`tokenizer.teacher_zero_shot.zero_shot_eval`), next to the teacher's own image tower on the
   same images; also per attribute and for seen / held-out pairs.
 - Codebook usage per branch: share of the K codes used anywhere in the split (all depths), the entropy of the code
   histogram in bits (and normalised by log2 K), its perplexity, and the usage at each depth.
@@ -92,7 +92,7 @@ def evaluate_tokenizer(
 ) -> dict[str, Any]:
     """Score the tokenizer at `tokenizer_dir` on `split` of `data_dir` (see the module docstring). The teacher
     defaults to the one recorded in the tokenizer's train_metrics.json."""
-    from tokenizer.teacher import zero_shot_eval
+    from tokenizer.teacher_zero_shot import zero_shot_eval
     from tokenizer.train import load_teacher_tower
 
     start = time.perf_counter()

@@ -1,5 +1,6 @@
 """The tiny teacher for the embedded default: a transformers `SiglipModel` (vision + text towers) trained with its
-own sigmoid loss on shapes-world image-caption pairs, and its zero-shot color x shape evaluation.
+own sigmoid loss on shapes-world image-caption pairs. Its data reading lives in `teacher_data`, its zero-shot
+color x shape evaluation in `teacher_zero_shot`, its resumable checkpoints in `teacher_checkpoint`.
 
 The vision tower has the tiny DualToken backbone's geometry (64 px, patch 8 -> 8x8 grid, 6 layers, width 192), so
 the tokenizer initialises from it and distils toward it. The text tower is small; its SentencePiece tokenizer is
@@ -45,13 +46,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
 from data_recipes.atomic_io import atomic_write_text
-from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
-from data_recipes.shapes_text import POSITION_PHRASES, class_labels
+from data_recipes.shapes_text import class_labels
 from tokenizer.teacher_checkpoint import (
     CHECKPOINTS,
     checkpoint_dirs,
@@ -60,10 +59,16 @@ from tokenizer.teacher_checkpoint import (
     settings_mismatch,
     work_dir,
 )
-from tokenizer.text_tokenizer import load_text_tokenizer, train_text_tokenizer, transformers_errors_only
+from tokenizer.teacher_data import encode_texts, has_split, load_captions, load_images, to_pixel_values
+from tokenizer.teacher_zero_shot import (
+    class_text_features,
+    image_embeddings,
+    single_object_set,
+    zero_shot_scores,
+)
+from tokenizer.text_tokenizer import load_text_tokenizer, train_text_tokenizer
 
 METRICS_NAME = "teacher_metrics.json"
-ZERO_SHOT_NAME = "zero_shot_{split}.json"
 CAPTIONS_PER_IMAGE = 6
 
 
@@ -169,216 +174,6 @@ def siglip_config(settings: TeacherSettings, tokenizer: PreTrainedTokenizerBase)
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1] (SigLIP normalisation, mean = std = 0.5)."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def _split_files(dataset_dir: Path, split: str) -> dict[str, str]:
-    try:
-        manifest = json.loads((dataset_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{dataset_dir / 'manifest.json'}: cannot read a shapes-world manifest ({error})"
-        ) from error
-    files = manifest.get("files", {}).get(split)
-    if not isinstance(files, dict):
-        raise ValueError(f"{dataset_dir / 'manifest.json'}: no files listed for split {split!r}")
-    return files
-
-
-def _load_scenes(dataset_dir: Path, split: str) -> list[dict]:
-    path = dataset_dir / _split_files(dataset_dir, split)["scenes"]
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _load_images(split_dir: Path, files: Sequence[str], size: int) -> torch.Tensor:
-    """The images as one uint8 (N, 3, size, size) tensor (RGB; resized with bicubic when the side differs)."""
-    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
-    for index, name in enumerate(files):
-        path = split_dir / name
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BICUBIC)
-                out[index] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-        except OSError as error:
-            raise ValueError(f"{path}: cannot read image ({error})") from error
-    return out
-
-
-def _load_captions(dataset_dir: Path, split: str) -> tuple[list[str], list[list[str]], list[list[dict]]]:
-    """(image files, captions per image, objects per image), images in scenes.jsonl order."""
-    files = _split_files(dataset_dir, split)
-    scenes = _load_scenes(dataset_dir, split)
-    payload = json.loads((dataset_dir / files["captions"]).read_text(encoding="utf-8"))
-    by_image: dict[int, list[str]] = {}
-    for annotation in sorted(payload["annotations"], key=lambda a: a["id"]):
-        by_image.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    image_files, captions, objects = [], [], []
-    for scene in scenes:
-        texts = by_image.get(scene["image_id"])
-        if not texts:
-            raise ValueError(f"{dataset_dir / files['captions']}: image {scene['image_id']} has no caption")
-        image_files.append(scene["file"])
-        captions.append(texts)
-        objects.append(scene["scene"]["objects"])
-    return image_files, captions, objects
-
-
-def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> torch.Tensor:
-    """Token ids (N, max_length), padded with the pad id and truncated, as the teacher's text tower reads them."""
-    return tokenizer(
-        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    ).input_ids
-
-
-# ---------------------------------------------------------------------------------------------------- embeddings
-@torch.no_grad()
-def text_embeddings(
-    model: SiglipModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 256
-) -> torch.Tensor:
-    """L2-normalised text features (N, D) of the teacher's text tower."""
-    length = model.config.text_config.max_position_embeddings
-    ids = encode_texts(tokenizer, texts, length)
-    chunks = [
-        model.get_text_features(input_ids=ids[i : i + batch_size]).pooler_output
-        for i in range(0, len(ids), batch_size)
-    ]
-    return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
-
-
-@torch.no_grad()
-def image_embeddings(model: SiglipModel, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised pooled image features (N, D) of the teacher's vision tower; `pixel_values` in [-1, 1]."""
-    chunks = [
-        model.get_image_features(pixel_values=pixel_values[i : i + batch_size]).pooler_output
-        for i in range(0, len(pixel_values), batch_size)
-    ]
-    return torch.nn.functional.normalize(torch.cat(chunks).float(), dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------- zero-shot
-def class_pairs() -> list[tuple[str, str]]:
-    """(color, shape) per zero-shot class, in the order of `class_labels()` (color-major)."""
-    return [(color, shape) for color in COLOR_NAMES for shape in SHAPES]
-
-
-@dataclass(frozen=True)
-class ZeroShotSet:
-    """Single-object images of a split with their class index and whether their pair is held out."""
-
-    images: torch.Tensor  # uint8 (N, 3, H, W)
-    labels: torch.Tensor  # int64 (N,)
-    heldout: torch.Tensor  # bool (N,)
-
-
-def single_object_set(
-    dataset_dir: str | os.PathLike, split: str = "test", image_size: int = 64
-) -> ZeroShotSet:
-    """Every image of `split` holding exactly one object, labelled with its (color, shape) class."""
-    root = Path(dataset_dir)
-    index = {pair: i for i, pair in enumerate(class_pairs())}
-    scenes = [s for s in _load_scenes(root, split) if len(s["scene"]["objects"]) == 1]
-    if not scenes:
-        raise ValueError(f"{root}/{split}: no single-object scene to evaluate zero-shot on")
-    labels = [index[(s["scene"]["objects"][0]["color"], s["scene"]["objects"][0]["shape"])] for s in scenes]
-    images = _load_images(root / split, [s["file"] for s in scenes], image_size)
-    return ZeroShotSet(images, torch.tensor(labels), torch.tensor([bool(s["heldout"]) for s in scenes]))
-
-
-def _accuracies(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
-    n_shapes = len(SHAPES)
-    return {
-        "n": int(len(labels)),
-        "top1": float((predicted == labels).float().mean()) if len(labels) else float("nan"),
-        "color": float((predicted // n_shapes == labels // n_shapes).float().mean())
-        if len(labels)
-        else float("nan"),
-        "shape": float((predicted % n_shapes == labels % n_shapes).float().mean())
-        if len(labels)
-        else float("nan"),
-    }
-
-
-def class_prompts() -> list[list[str]]:
-    """Prompts per template (outer) and class (inner, `class_pairs()` order): the class name 'red circle' in the
-    training captions' phrasing with each size and grid position, 'A small red circle in the top left corner.'.
-    The bare label ('a red circle') is out of the captions' distribution: captions always state size and position,
-    and the pooled image feature encodes them strongly, so a class scores its best-matching template instead."""
-    return [
-        [f"A {size} {color} {shape} {where}." for color, shape in class_pairs()]
-        for size in SIZES
-        for where in POSITION_PHRASES.values()
-    ]
-
-
-def class_text_features(model: SiglipModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """Normalised text features (templates, 48 classes, D) of `class_prompts()`."""
-    prompts = class_prompts()
-    flat = text_embeddings(model, tokenizer, [p for template in prompts for p in template])
-    return flat.view(len(prompts), len(prompts[0]), -1)
-
-
-def class_scores(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
-    """(N, classes) scores: cosine to each class, the best over its templates when `class_features` is
-    (templates, classes, D); plain cosine when it is (classes, D)."""
-    if class_features.ndim == 2:
-        return image_features @ class_features.T
-    return torch.einsum("nd,tkd->ntk", image_features, class_features).amax(dim=1)
-
-
-def zero_shot_scores(
-    image_features: torch.Tensor, class_features: torch.Tensor, data: ZeroShotSet
-) -> dict[str, Any]:
-    """Top-1 over the 48 classes and per-attribute accuracy (the predicted class's color / shape), for all
-    single-object images and separately for seen and held-out pairs."""
-    predicted = class_scores(image_features, class_features).argmax(dim=-1)
-    classes = class_features.shape[-2]
-    seen = ~data.heldout
-    return {
-        "classes": classes,
-        "chance": 1.0 / classes,
-        "templates": class_features.shape[0] if class_features.ndim == 3 else 1,
-        "all": _accuracies(predicted, data.labels),
-        "seen": _accuracies(predicted[seen], data.labels[seen]),
-        "heldout": _accuracies(predicted[data.heldout], data.labels[data.heldout]),
-    }
-
-
-def load_teacher(teacher_dir: str | os.PathLike) -> tuple[SiglipModel, PreTrainedTokenizerBase]:
-    """The teacher SiglipModel (eval mode) and its text tokenizer from a teacher directory."""
-    path = Path(teacher_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"load_teacher: {path} has no config.json (not a teacher directory)")
-    with transformers_errors_only():
-        model = SiglipModel.from_pretrained(path)
-    return model.eval(), load_text_tokenizer(path)
-
-
-def zero_shot_eval(
-    teacher_dir: str | os.PathLike,
-    dataset_dir: str | os.PathLike,
-    split: str = "test",
-    image_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, Any]:
-    """Zero-shot color x shape classification of the single-object images of `split` with the teacher's text tower.
-
-    `image_features` maps pixel values (B, 3, H, W) in [-1, 1] to pooled features (B, D); by default the teacher's
-    own vision tower (pass e.g. the DualToken semantic path to score it against the same text features).
-    """
-    model, tokenizer = load_teacher(teacher_dir)
-    data = single_object_set(dataset_dir, split, model.config.vision_config.image_size)
-    pixels = to_pixel_values(data.images)
-    if image_features is None:
-        features = image_embeddings(model, pixels)
-    else:
-        with torch.no_grad():
-            features = torch.nn.functional.normalize(image_features(pixels).float(), dim=-1)
-    return {"split": split, **zero_shot_scores(features, class_text_features(model, tokenizer), data)}
-
-
 # ---------------------------------------------------------------------------------------------------- training
 def _lr_factor(step: int, settings: TeacherSettings) -> float:
     if step < settings.warmup_steps:
@@ -531,7 +326,7 @@ def train_teacher(
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
     try:
-        image_files, captions, objects = _load_captions(root, "train")
+        image_files, captions, objects = load_captions(root, "train")
         if existing:
             tokenizer = load_text_tokenizer(work)
         else:
@@ -557,8 +352,8 @@ def train_teacher(
         caption_ids = encode_texts(tokenizer, flat, settings.text_max_length).view(
             len(captions), per_image, -1
         )
-        images = _load_images(root / "train", image_files, settings.image_size)
-        val = single_object_set(root, "val", settings.image_size) if _has_split(root, "val") else None
+        images = load_images(root / "train", image_files, settings.image_size)
+        val = single_object_set(root, "val", settings.image_size) if has_split(root, "val") else None
         load_seconds = time.perf_counter() - start
 
         torch.manual_seed(settings.seed)
@@ -700,13 +495,6 @@ def train_teacher(
         torch.set_num_threads(previous_threads)
 
 
-def _has_split(root: Path, split: str) -> bool:
-    try:
-        return (root / _split_files(root, split)["scenes"]).is_file()
-    except ValueError:
-        return False
-
-
 def _summary_writer(path: Path, start_step: int):
     """A TensorBoard writer (points from `start_step` on of an interrupted run are purged), or None when
     tensorboard is not installed."""
@@ -715,9 +503,3 @@ def _summary_writer(path: Path, start_step: int):
     except ImportError:
         return None
     return SummaryWriter(str(path), purge_step=start_step or None)
-
-
-def write_zero_shot(teacher_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
-    """Store a zero-shot result next to the teacher as zero_shot_<split>.json (atomic file replace)."""
-    path = Path(teacher_dir) / ZERO_SHOT_NAME.format(split=result["split"])
-    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
