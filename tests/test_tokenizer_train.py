@@ -20,10 +20,9 @@ from tokenizer.train import (
     TokenizerTrainSettings,
     checkpoint_dirs,
     lr_factor,
-    register,
-    settings_from_args,
     train_tokenizer,
 )
+from tokenizer.train_cli import register, settings_from_args
 
 # A 32 px, 4x4-grid, 3-layer teacher and a tokenizer whose every part is as small as the config allows.
 MICRO_TEACHER = dict(
@@ -142,17 +141,17 @@ def test_interrupted_run_resumes_to_the_identical_result_ignoring_a_half_written
     train_tokenizer(dataset, whole, settings, teacher_dir=teacher, progress=False)
 
     halves = tmp_path / "halves"
-    real_save = train_module._save_checkpoint
+    real_save = train_module.save_checkpoint
 
     def save_then_die(accelerator, out, step, *args):
         real_save(accelerator, out, step, *args)
         if step == 3:
             raise Killed
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         train_tokenizer(dataset, halves, settings, teacher_dir=teacher, progress=False)
-    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     assert [step for step, _ in checkpoint_dirs(halves)] == [3]
     assert not (halves / "model.safetensors").exists()
     # a kill in the middle of the next save leaves a temporary directory, even one that claims a later step

@@ -182,7 +182,7 @@ def format_table(result: dict[str, Any]) -> str:
 def _ablate(args) -> int:
     import sys
 
-    from tokenizer.train import settings_from_args
+    from tokenizer.train_cli import settings_from_args
 
     try:
         settings = settings_from_args(args)
@@ -207,7 +207,7 @@ def _ablate(args) -> int:
 
 def register(tok_sub) -> None:
     """Add `dualtoken tokenizer ablate` (it takes every `dualtoken tokenizer train` option)."""
-    from tokenizer.train import add_train_options
+    from tokenizer.train_cli import add_train_options
 
     parser = tok_sub.add_parser(
         "ablate",

@@ -103,10 +103,10 @@ def register(subparsers) -> None:
         "tokenizer", help="the DualToken visual tokenizer: teacher, training, eval"
     )
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
-    from tokenizer import ablate, encode, evaluate, probe, train
+    from tokenizer import ablate, encode, evaluate, probe, train_cli
 
     register_teacher(tok_sub)
-    train.register(tok_sub)
+    train_cli.register(tok_sub)
     evaluate.register(tok_sub)
     encode.register(tok_sub)
     ablate.register(tok_sub)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -45,17 +44,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from tokenizer.encode import KeyedImage, dataset_images, is_shapes_dataset, load_pixels, source_images
+from tokenizer.train_checkpoint import (
+    CHECKPOINTS,
+    STATE_NAME,
+    TMP_PREFIX,
+    StepBatches,
+    checkpoint_dirs,
+    load_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-TMP_PREFIX = ".tmp-"
 METRICS_NAME = "train_metrics.json"
-STATE_NAME = "trainer_state.json"
 
 # Training-time overrides of each preset's DualTokenConfig fields (merged under `model_overrides`). The tiny
 # decoder is lightened for CPU budgets: two blocks per level, channel mult (1, 1, 2, 2), no attention, 64 input
@@ -189,83 +193,6 @@ def generator_param_groups(model: nn.Module, settings: TokenizerTrainSettings) -
 def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-
-
-# ---------------------------------------------------------------------------------------------------- data
-def batch_positions(step: int, rank: int, per_rank: int, world: int) -> range:
-    """Positions in the endless stream of epochs that rank `rank` reads at `step`."""
-    first = (step * world + rank) * per_rank
-    return range(first, first + per_rank)
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Item `step` = this rank's float batch (B, 3, S, S) of that step: the stream is the images in a
-    seeded permutation per epoch (permutation of epoch e seeded by (seed, e)), read in order across epochs."""
-
-    def __init__(
-        self, images: list[KeyedImage], image_size: int, seed: int, per_rank: int, rank: int, world: int
-    ):
-        self.images, self.image_size, self.seed = images, image_size, seed
-        self.per_rank, self.rank, self.world = per_rank, rank, world
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.images), generator=generator).tolist()}
-        return self._orders[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        n = len(self.images)
-        return [
-            self._order(p // n)[p % n] for p in batch_positions(step, self.rank, self.per_rank, self.world)
-        ]
-
-    def __len__(self) -> int:  # steps are addressed directly; the sampler decides which
-        return 2**62
-
-    def __getitem__(self, step: int) -> torch.Tensor:
-        return load_pixels([self.images[i] for i in self.indices(step)], self.image_size)
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Finished checkpoints (step, path), oldest first; temporary directories of interrupted saves are ignored."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_dir() and (path / STATE_NAME).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{index}"] = cuda_state
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    cuda = [state[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in state]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous().cpu() for name, tensor in module.state_dict().items()}
-
-
-def _load_state(module: nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -417,8 +344,8 @@ def train_tokenizer(
                 shutil.rmtree(stale, ignore_errors=True)  # a save that was killed half-way
         if resume and existing:
             start_step, checkpoint = existing[-1]
-            _load_state(model, checkpoint / "model.safetensors")
-            _load_state(disc, checkpoint / "discriminator.safetensors")
+            load_state(model, checkpoint / "model.safetensors")
+            load_state(disc, checkpoint / "discriminator.safetensors")
             state = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8"))
             history, seconds_before = state["history"], state["train_seconds"]
             rng_path = checkpoint / f"rng-{accelerator.process_index}.pt"
@@ -443,7 +370,7 @@ def train_tokenizer(
         sample_pixels = load_pixels(samples, cfg.image_size) if samples else None
         writer = _summary_writer(out / "tb", start_step) if main else None
         if rng is not None:
-            _set_rng_state(rng)
+            set_rng_state(rng)
 
         model.train()
         disc.train()
@@ -518,7 +445,7 @@ def train_tokenizer(
                 _write_samples(student, sample_pixels, out / "samples" / f"step-{done:06d}.png", writer, done)
             if at_checkpoint:
                 seconds = seconds_before + time.perf_counter() - run_start
-                _save_checkpoint(
+                save_checkpoint(
                     accelerator, out, done, student, critic, opt_g, opt_d, history, seconds, settings
                 )
                 event("saved", done)
@@ -599,47 +526,6 @@ def _write_samples(student, pixels: torch.Tensor, path: Path, writer, step: int)
         writer.add_image("tokenizer/reconstructions", np.asarray(grid), step, dataformats="HWC")
 
 
-def _save_checkpoint(
-    accelerator,
-    out: Path,
-    step: int,
-    student,
-    critic: nn.Module,
-    opt_g,
-    opt_d,
-    history: list[dict],
-    seconds: float,
-    settings: TokenizerTrainSettings,
-) -> None:
-    """Write checkpoint `step` into a temporary directory and rename it into place (then prune old ones)."""
-    root = out / CHECKPOINTS
-    final = root / f"step-{step:06d}"
-    tmp = root / f"{TMP_PREFIX}step-{step:06d}"
-    main = accelerator.is_main_process
-    if main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        student.config.save_pretrained(tmp)
-        save_file(_state_dict(student), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file(_state_dict(critic), str(tmp / "discriminator.safetensors"), metadata={"format": "pt"})
-        torch.save(opt_g.state_dict(), tmp / "optimizer.pt")
-        torch.save(opt_d.state_dict(), tmp / "disc_optimizer.pt")
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if main:
-        state = {"step": step, "train_seconds": seconds, "history": history, "settings": asdict(settings)}
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if settings.keep_checkpoints:
-            for _, old in checkpoint_dirs(out)[: -settings.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
 def _save_final(student, out: Path, metrics: dict[str, Any]) -> None:
     """save_pretrained into a temporary directory, then move its files into `out` (each rename atomic)."""
     tmp = out / f"{TMP_PREFIX}final"
@@ -654,126 +540,3 @@ def _save_final(student, out: Path, metrics: dict[str, Any]) -> None:
     tmp_file = out / f"{TMP_PREFIX}{METRICS_NAME}"
     tmp_file.write_text(text, encoding="utf-8")
     os.replace(tmp_file, path)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-CLI_FIELDS = (
-    "preset",
-    "steps",
-    "batch_size",
-    "lr",
-    "backbone_lr_multiplier",
-    "disc_lr",
-    "warmup_steps",
-    "seed",
-    "split",
-    "recipe_root",
-    "threads",
-    "mixed_precision",
-    "num_workers",
-    "log_every",
-    "sample_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-)
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`FIELD=VALUE` strings -> a dict; VALUE is read as JSON when it parses (numbers, lists, null), else text."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        name, sep, raw = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE (a DualTokenConfig field)")
-        try:
-            overrides[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[name] = raw
-    return overrides
-
-
-def settings_from_args(args) -> TokenizerTrainSettings:
-    values: dict[str, Any] = {}
-    if args.settings is not None:
-        values.update(json.loads(Path(args.settings).read_text(encoding="utf-8")))
-    values.update({name: getattr(args, name) for name in CLI_FIELDS if getattr(args, name, None) is not None})
-    overrides = parse_overrides(args.set)
-    if overrides:
-        values["model_overrides"] = {**values.get("model_overrides", {}), **overrides}
-    return TokenizerTrainSettings.from_dict(values)
-
-
-def _train(args) -> int:
-    import sys
-
-    try:
-        settings = settings_from_args(args)
-        metrics = train_tokenizer(
-            args.data,
-            args.out,
-            settings,
-            teacher_dir=args.teacher,
-            resume=args.resume,
-            progress=not args.quiet,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"dualtoken tokenizer train: error: {error}", file=sys.stderr)
-        return 2
-    last = metrics["last"] or {}
-    print(
-        f"tokenizer: {metrics['steps']} steps in {metrics['train_seconds']:.0f} s; last loss "
-        f"{last.get('loss', float('nan')):.4f}, train PSNR {last.get('psnr', float('nan')):.2f} dB; "
-        f"saved to {args.out}"
-    )
-    return 0
-
-
-def add_train_options(parser, resume: bool = True) -> None:
-    """The options of `dualtoken tokenizer train` (shared with `ablate`)."""
-    parser.add_argument(
-        "--data", required=True, type=Path, help="shapes-world dataset, image folder or recipe (YAML/JSON)"
-    )
-    parser.add_argument("--teacher", required=True, type=Path, help="teacher SigLIP directory")
-    parser.add_argument("--out", required=True, type=Path, help="run directory (final tokenizer at its top)")
-    if resume:
-        parser.add_argument(
-            "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-        )
-    parser.add_argument("--settings", type=Path, help="JSON file of TokenizerTrainSettings fields")
-    parser.add_argument("--preset", help="tiny or paper (default tiny)")
-    parser.add_argument("--steps", type=int, help="optimizer steps")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, help="images per step and process")
-    parser.add_argument("--lr", type=float, help="peak learning rate of the new modules")
-    parser.add_argument("--backbone-lr-multiplier", dest="backbone_lr_multiplier", type=float)
-    parser.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate")
-    parser.add_argument("--warmup-steps", dest="warmup_steps", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--split", help="training split (default train)")
-    parser.add_argument("--recipe-root", dest="recipe_root", help="${DATA} of a recipe given as --data")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--mixed-precision", dest="mixed_precision", choices=("auto", "no", "bf16", "fp16"))
-    parser.add_argument("--num-workers", dest="num_workers", type=int, help="image-loading worker processes")
-    parser.add_argument("--log-every", dest="log_every", type=int)
-    parser.add_argument("--sample-every", dest="sample_every", type=int, help="steps between sample grids")
-    parser.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    parser.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int, help="0 keeps all")
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="FIELD=VALUE",
-        help="DualTokenConfig override, e.g. --set gan_start_step=200 --set decoder_channel_mult=[1,1,2,2]",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def register(tok_sub) -> None:
-    """Add `dualtoken tokenizer train`."""
-    parser = tok_sub.add_parser(
-        "train",
-        help="train the DualToken tokenizer (distilled from and initialised by the teacher)",
-        description="Train the DualToken tokenizer on a dataset split with an accelerate loop (run it under "
-        "`accelerate launch` or `torchrun` for several GPUs). The tower starts from the teacher's vision tower; "
-        "checkpoints are atomic and --resume continues to the same result.",
-    )
-    add_train_options(parser)
-    parser.set_defaults(func=_train)
