@@ -47,6 +47,7 @@ from data_recipes.shapes import (
     render,
     sample_scene,
 )
+from data_recipes.shapes_prompts import make_prompt
 from data_recipes.shapes_text import (
     TAGS,
     caption_request,
@@ -55,7 +56,6 @@ from data_recipes.shapes_text import (
     class_labels,
     distinct_vqa_items,
     existence_item,
-    make_prompt,
     vqa_dialogue,
     vqa_items,
 )

@@ -1,7 +1,7 @@
 """GenEval-style text-to-image verification on the shapes world: per-sample verdicts and accuracy per tag.
 
 Each generated image is parsed back into a scene (`data_recipes.scene_parser.parse_scene` by default) and the
-prompt spec is checked against it (`data_recipes.shapes_text.prompt_satisfied` by default). Accuracy is the
+prompt spec is checked against it (`data_recipes.shapes_prompts.prompt_satisfied` by default). Accuracy is the
 fraction of satisfied samples per tag; "overall" is the mean over the tags present (GenEval's task average),
 reported for all prompts, for the held-out prompts and for the seen (not held-out) ones.
 """
@@ -78,7 +78,7 @@ def _default_parse_fn() -> ParseFn:
 
 
 def _default_check_fn() -> CheckFn:
-    from data_recipes.shapes_text import prompt_satisfied
+    from data_recipes.shapes_prompts import prompt_satisfied
 
     return prompt_satisfied
 

@@ -50,7 +50,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
             image equal to 1e-3 after 600 steps; with it, apart from step 100). Output images are not centred
             (their later cells are not known while drawing).
         image_position_embedding: add a learned embedding per grid cell (h*w x hidden, 2-D sine-cosine at init,
-            `modeling.grid_sincos`) to input-image cells, so the LLM sees where a cell is without counting raster
+            `cell_embedding.grid_sincos`) to input-image cells, so the LLM sees where a cell is without counting raster
             positions through RoPE.
         depth_head_layers / depth_head_width / depth_head_heads: depth-transformer size (width and heads default
             to the LLM hidden size and head count); depth_head_mlp_ratio and depth_head_dropout as in a GPT block.

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from data_recipes.atomic_io import atomic_directory_write
+from mllm.cell_embedding import CodeMLP, grid_sincos
 from mllm.configuration import DualTokenMLLMConfig
 from mllm.depth_head import DepthHead
 from mllm.sequence import IGNORE_INDEX, positions_from_mask
@@ -48,35 +48,6 @@ class DualTokenMLLMOutput(ModelOutput):
     past_key_values: Cache | None = None
     pixel_logits: torch.Tensor | None = None
     semantic_logits: torch.Tensor | None = None
-
-
-def grid_sincos(grid: int, width: int, rms: float = 0.05) -> torch.Tensor:
-    """Fixed 2-D sine-cosine embedding of an h x w grid (row code in the first half of the width, column code in
-    the second, as in ViT/MAE), (grid*grid, width), scaled to `rms` per entry: the start value of the learned
-    per-cell position embedding, so every cell's place is readable from the first step."""
-    quarter = width // 4
-    freq = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    axis = torch.arange(grid, dtype=torch.float64)[:, None] * freq  # (grid, quarter)
-    axis = torch.cat([axis.sin(), axis.cos()], dim=1)  # (grid, 2*quarter)
-    rows = axis[:, None, :].expand(grid, grid, -1)
-    cols = axis[None, :, :].expand(grid, grid, -1)
-    table = torch.zeros(grid, grid, width, dtype=torch.float64)
-    table[..., : 4 * quarter] = torch.cat([rows, cols], dim=-1)
-    table = table.reshape(grid * grid, width)
-    return (table * (rms / table.pow(2).mean().sqrt())).float()
-
-
-class CodeMLP(nn.Module):
-    """2-layer MLP from a summed code embedding to (part of) the LLM width."""
-
-    def __init__(self, code_dim: int, out_dim: int, act: str):
-        super().__init__()
-        self.fc1 = nn.Linear(code_dim, out_dim)
-        self.act = ACT2FN[act]
-        self.fc2 = nn.Linear(out_dim, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DualTokenMLLM(PreTrainedModel):

@@ -93,7 +93,7 @@ def test_load_prompt_specs(tmp_path):
 
 def test_ground_truth_renders_score_one():
     shapes = pytest.importorskip("data_recipes.shapes")
-    shapes_text = pytest.importorskip("data_recipes.shapes_text")
+    shapes_prompts = pytest.importorskip("data_recipes.shapes_prompts")
     pytest.importorskip("data_recipes.scene_parser")
     rng = random.Random(0)
     held_out_pairs = [("red", "star"), ("blue", "circle")]
@@ -101,7 +101,7 @@ def test_ground_truth_renders_score_one():
     for tag in T2I_TAGS:
         for index in range(6):
             heldout = index % 3 == 0
-            spec, scene = shapes_text.make_prompt(
+            spec, scene = shapes_prompts.make_prompt(
                 rng, tag, required_pairs=held_out_pairs if heldout else None
             )
             specs.append({**spec, "prompt_id": f"{tag}-{index}", "heldout": heldout})

@@ -15,7 +15,8 @@ from PIL import Image
 from data_recipes.scene_parser import parse_scene
 from data_recipes.shapes import Scene
 from data_recipes.shapes_dataset import DEFAULT_HELDOUT, SPLITS, register, write_shapes_dataset
-from data_recipes.shapes_text import TAGS, prompt_satisfied
+from data_recipes.shapes_prompts import prompt_satisfied
+from data_recipes.shapes_text import TAGS
 
 HELDOUT = {tuple(pair) for pair in DEFAULT_HELDOUT}
 HELDOUT_PHRASE = re.compile("|".join(rf"\b{color} {shape}" for color, shape in DEFAULT_HELDOUT))

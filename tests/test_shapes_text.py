@@ -19,16 +19,13 @@ from data_recipes.shapes import (
     render,
     sample_scene,
 )
+from data_recipes.shapes_prompts import make_prompt, prompt_satisfied, spec_pairs, validate_spec
 from data_recipes.shapes_text import (
     POSITION_PHRASES,
     TAGS,
     captions,
     chat,
     class_labels,
-    make_prompt,
-    prompt_satisfied,
-    spec_pairs,
-    validate_spec,
     vqa_items,
 )
 
