@@ -96,7 +96,7 @@ def _eval_chat(args) -> int:
 
 
 def _eval_t2i(args) -> int:
-    from eval.tasks import run_t2i
+    from eval.t2i_tasks import run_t2i
 
     model, processor = _load(args)
     overrides = {"cfg_scale": args.cfg} if args.cfg is not None else None

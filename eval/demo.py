@@ -259,7 +259,8 @@ def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:
 
 
 def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path) -> dict:
-    from eval.tasks import EvalSettings, run_t2i
+    from eval.t2i_tasks import run_t2i
+    from eval.tasks import EvalSettings
 
     s = ctx.settings
     return run_t2i(

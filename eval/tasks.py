@@ -1,4 +1,5 @@
-"""Model-driven evaluation tasks: VQA, captioning, multi-turn chat and text-to-image, each resumable.
+"""Model-driven evaluation tasks: VQA, captioning and multi-turn chat, each resumable (text-to-image, built on the
+same per-sample files and helpers, lives in `eval.t2i_tasks`).
 
 Every task runs the unified model in batches over a dataset in a standard format, appends one JSON line per
 sample to a per-sample output file (so an interrupted run continues where it stopped and a finished sample is
@@ -8,8 +9,7 @@ never recomputed), then scores the whole file with the metric modules (`eval.vqa
 Images are resolved as ``image_root / image_pattern.format(image_id=...)``; the default pattern is the
 shapes-world layout (``{image_id:07d}.png``), COCO uses ``COCO_val2014_{image_id:012d}.jpg``. Held-out attribute
 combinations are scored separately when the caller passes the held-out image ids (shapes world: `scenes.jsonl`).
-`run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set;
-`run_t2i(..., reference=True)` scores the prompts' own images and their reconstructions.
+`run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_recipes.atomic_io import atomic_save_png, atomic_write_json, atomic_write_text
+from data_recipes.atomic_io import atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
 from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
 
@@ -81,21 +81,9 @@ class SampleLog:
             os.fsync(handle.fileno())
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], int]) -> Iterable[list[Any]]:
-    """Batches of at most `size` items whose `index` values are consecutive."""
-    batch: list[Any] = []
-    for item in items:
-        if batch and (len(batch) == size or index(item) != index(batch[-1]) + 1):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
 
 
 def spread_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
@@ -106,7 +94,9 @@ def spread_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> lis
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
 
 
-def _pending(items: Sequence[Any], log: SampleLog, key: Callable[[Any], Any], limit: int | None) -> list[Any]:
+def pending_items(
+    items: Sequence[Any], log: SampleLog, key: Callable[[Any], Any], limit: int | None
+) -> list[Any]:
     return [item for item in spread_subset(items, limit) if key(item) not in log]
 
 
@@ -128,7 +118,7 @@ def _chat_settings(settings: EvalSettings, **overrides: Any):
     return GenerationSettings(max_new_tokens=settings.max_new_tokens, seed=settings.seed, **overrides)
 
 
-def _progress(total: int, desc: str, settings: EvalSettings):
+def progress_bar(total: int, desc: str, settings: EvalSettings):
     return tqdm(total=total, desc=desc, unit="sample", disable=not settings.progress)
 
 
@@ -209,8 +199,8 @@ def _answer_vqa(
 
     log = SampleLog(log_path, "question_id")
     todo = [q for q in questions if q["question_id"] not in log]
-    bar = _progress(len(todo), desc, settings)
-    for batch in _batches(todo, settings.batch_size):
+    bar = progress_bar(len(todo), desc, settings)
+    for batch in batched(todo, settings.batch_size):
         shown = [q.get("shown_image_id", q["image_id"]) for q in batch]
         images = [[load_image(Path(image_root) / image_pattern.format(image_id=i))] for i in shown]
         conversations = [
@@ -256,9 +246,9 @@ def run_captions(
     coco = json.loads(Path(captions_json).read_text(encoding="utf-8"))
     image_ids = [image["id"] for image in coco["images"]]
     log = SampleLog(out_dir / "caption_predictions.jsonl", "image_id")
-    todo = _pending(image_ids, log, lambda i: i, settings.limit)
-    bar = _progress(len(todo), "captions", settings)
-    for batch in _batches(todo, settings.batch_size):
+    todo = pending_items(image_ids, log, lambda i: i, settings.limit)
+    bar = progress_bar(len(todo), "captions", settings)
+    for batch in batched(todo, settings.batch_size):
         images = [[load_image(Path(image_root) / image_pattern.format(image_id=i))] for i in batch]
         conversations = [[{"role": "user", "content": "<image>\n" + request}] for _ in batch]
         replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
@@ -314,9 +304,9 @@ def run_chat(
                 }
             )
     log = SampleLog(out_dir / "chat_predictions.jsonl", "sample_id")
-    todo = _pending(turns, log, lambda t: t["sample_id"], settings.limit)
-    bar = _progress(len(todo), "chat", settings)
-    for batch in _batches(todo, settings.batch_size):
+    todo = pending_items(turns, log, lambda t: t["sample_id"], settings.limit)
+    bar = progress_bar(len(todo), "chat", settings)
+    for batch in batched(todo, settings.batch_size):
         images = [[load_image(Path(image_root) / t["image"])] for t in batch]
         replies = generate_chat(
             model, processor, [t["history"] for t in batch], images, _chat_settings(settings)
@@ -345,208 +335,3 @@ def run_chat(
     }
     atomic_write_json(out_dir / "chat_metrics.json", metrics)
     return metrics
-
-
-# ------------------------------------------------------------------------------------------ text-to-image
-def run_t2i(
-    model,
-    processor,
-    prompts_jsonl: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    settings: EvalSettings | None = None,
-    images_per_prompt: int = 1,
-    generation_overrides: Mapping[str, Any] | None = None,
-    real_images: str | os.PathLike | None = None,
-    teacher_dir: str | os.PathLike | None = None,
-    reference: bool = False,
-) -> dict[str, Any]:
-    """Draw `images_per_prompt` images per prompt spec, save them as PNGs and verify each with the scene parser
-    (GenEval-style accuracy per tag, overall, seen vs held-out).
-
-    With `reference`, the metrics add `reference`: the same check on each scored prompt's own image (its spec's
-    `file`, relative to the prompts file's folder) and on that image's reconstruction through the model's image
-    tokenizer, i.e. what a generator that reproduced the data exactly would score with and without the
-    tokenizer's loss (the ceiling of this metric for this tokenizer); and `caption_use`: the model's image
-    cross-entropy on those images with their own captions and with the captions shifted by one prompt (equal
-    numbers mean the generator ignores the caption).
-
-    With `real_images` (a folder of PNGs, e.g. the split's `images/`) the metrics add `fd`: the Fréchet distance
-    between the generated and the real images' pooled features of the teacher SigLIP tower (`teacher_dir`, by
-    default the one the model's image tokenizer was distilled from), not Inception features. With few images the
-    covariances are rank-deficient and the number is only comparable between runs of the same size."""
-    from eval.t2i_scoring import load_prompt_specs, score_t2i
-    from mllm.generation import GenerationSettings, generate_images
-
-    settings = settings or EvalSettings()
-    out_dir = Path(out_dir)
-    image_dir = out_dir / "t2i_images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    specs = load_prompt_specs(prompts_jsonl)
-    log = SampleLog(out_dir / "t2i_samples.jsonl", "prompt_id")
-    todo = _pending(specs, log, lambda s: s["prompt_id"], settings.limit)
-    overrides = {
-        "seed": settings.seed,
-        "images_per_prompt": images_per_prompt,
-        **(generation_overrides or {}),
-    }
-    generation = GenerationSettings.for_codebook(model.config.codebook_size, **overrides)
-    batch_size = max(1, settings.batch_size // images_per_prompt)
-    bar = _progress(len(todo), "t2i", settings)
-    position = {str(s["prompt_id"]): i for i, s in enumerate(specs)}
-    for batch in _contiguous_batches(todo, batch_size, lambda s: position[str(s["prompt_id"])]):
-        # Row r of a call with seed s samples from stream s + r; starting each call at its first prompt's global
-        # row keeps every image identical whatever the batch size or the point a resumed run starts from.
-        first_row = position[str(batch[0]["prompt_id"])] * images_per_prompt
-        result = generate_images(
-            model,
-            processor,
-            [s["prompt"] for s in batch],
-            generation.with_overrides(seed=settings.seed + first_row),
-        )
-        rows = []
-        for spec, images in zip(batch, result.images):
-            files = []
-            for j, image in enumerate(images):
-                path = atomic_save_png(image, image_dir / f"{spec['prompt_id']}_{j}.png")
-                files.append(path.name)
-            rows.append({"prompt_id": spec["prompt_id"], "files": files})
-        log.extend(rows)
-        bar.update(len(batch))
-    bar.close()
-    by_id = {str(s["prompt_id"]): s for s in specs}
-    paired_specs, paired_images = [], []
-    for row in log.rows.values():
-        for name in row["files"]:
-            paired_specs.append(by_id[str(row["prompt_id"])])
-            paired_images.append(load_image(image_dir / name))
-    scored = score_t2i(paired_specs, paired_images, show_progress=settings.progress)
-    log_verdicts = out_dir / "t2i_verdicts.jsonl"
-    if real_images is not None:
-        scored["fd"] = generated_vs_real_fd(
-            paired_images, real_images, teacher_dir or _image_tokenizer_teacher(processor)
-        )
-    if reference:
-        scored["reference"] = t2i_reference_scores(
-            processor, [by_id[str(i)] for i in log.rows], Path(prompts_jsonl).parent, settings, model
-        )
-    atomic_write_json(out_dir / "t2i_metrics.json", {k: v for k, v in scored.items() if k != "per_sample"})
-    atomic_write_text(log_verdicts, "".join(json.dumps(v) + "\n" for v in scored["per_sample"]))
-    return {k: v for k, v in scored.items() if k != "per_sample"}
-
-
-def t2i_reference_scores(
-    processor,
-    specs: Sequence[Mapping[str, Any]],
-    root: Path,
-    settings: EvalSettings,
-    model=None,
-) -> dict[str, Any]:
-    """{"real": summary, "reconstructed": summary}: the T2I check on the specs' own images (`root / spec["file"]`)
-    and on their reconstructions through `processor`'s image tokenizer (pixel codes -> pixel decoder). With
-    `model`, also "caption_use" (see `caption_use_losses`)."""
-    from eval.t2i_scoring import score_t2i
-    from mllm.generation import decode_codes
-
-    paired = [spec for spec in specs if spec.get("file")]
-    if not paired:
-        raise ValueError(f"T2I reference: none of the {len(specs)} prompt specs names its image ('file')")
-    real = [load_image(root / spec["file"]) for spec in paired]
-    reconstructed, codes = [], []
-    bar = _progress(len(real), "t2i reference", settings)
-    for start in range(0, len(real), settings.batch_size):
-        pixel_codes, semantic_codes = processor.encode_images(real[start : start + settings.batch_size])
-        reconstructed += decode_codes(processor, pixel_codes)
-        codes += list(zip(pixel_codes, semantic_codes))
-        bar.update(len(pixel_codes))
-    bar.close()
-    result = {
-        name: score_t2i(paired, images, show_progress=False)["all"]
-        for name, images in (("real", real), ("reconstructed", reconstructed))
-    }
-    if model is not None and len(paired) > 1:
-        result["caption_use"] = caption_use_losses(
-            model, processor, [spec["prompt"] for spec in paired], codes, settings.batch_size
-        )
-    return result
-
-
-def caption_use_losses(
-    model, processor, captions: Sequence[str], codes: Sequence[Any], batch_size: int
-) -> dict[str, dict[str, float]]:
-    """The model's image cross-entropy (per head, nats per code) on images given as codes, once with each image's
-    own caption and once with the captions shifted by one (every image gets another prompt's caption)."""
-    import torch
-
-    from mllm.generation import eval_mode
-
-    def losses(texts: Sequence[str]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for start in range(0, len(texts), batch_size):
-            chunk = range(start, min(start + batch_size, len(texts)))
-            batch = processor.collate([processor.t2i_example(texts[i], codes[i]) for i in chunk])
-            out = model(**{k: v.to(model.device) for k, v in batch.items()})
-            for head in ("pixel", "semantic"):
-                value = getattr(out, f"loss_{head}", None)
-                if value is not None:
-                    totals[head] = totals.get(head, 0.0) + float(value) * len(chunk)
-        return {head: total / len(texts) for head, total in totals.items()}
-
-    with torch.no_grad(), eval_mode(model):
-        return {
-            "own_caption": losses(captions),
-            "shifted_caption": losses([*captions[1:], captions[0]]),
-        }
-
-
-def _image_tokenizer_teacher(processor) -> Path:
-    source = getattr(getattr(processor.image_tokenizer, "config", None), "_name_or_path", "") or ""
-    metrics = Path(source) / "train_metrics.json"
-    if not metrics.is_file():
-        raise ValueError(
-            "run_t2i: the FD needs a teacher; pass teacher_dir (the model's image tokenizer does not record one: "
-            f"no {metrics})"
-        )
-    return Path(json.loads(metrics.read_text(encoding="utf-8"))["teacher"])
-
-
-def generated_vs_real_fd(
-    generated: Sequence[Any],
-    real_images: str | os.PathLike,
-    teacher_dir: str | os.PathLike,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Fréchet distance between the teacher features of `generated` PIL images and of every PNG in
-    `real_images` (both resized to the teacher's input size)."""
-    import numpy as np
-    import torch
-
-    from tokenizer.image_metrics import frechet_distance
-    from tokenizer.teacher_data import to_pixel_values
-    from tokenizer.train import load_teacher_tower
-
-    teacher = load_teacher_tower(teacher_dir)
-    size = teacher.config.image_size
-    real = sorted(Path(real_images).glob("*.png"))
-    if len(real) < 2 or len(generated) < 2:
-        raise ValueError(
-            f"generated_vs_real_fd: need >= 2 images on each side, got {len(generated)} and {len(real)}"
-        )
-
-    def features(images):
-        out = []
-        for first in range(0, len(images), batch_size):
-            arrays = [
-                np.asarray((load_image(i) if isinstance(i, Path) else i).convert("RGB").resize((size, size)))
-                for i in images[first : first + batch_size]
-            ]
-            pixels = to_pixel_values(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
-            with torch.no_grad():
-                out.append(teacher(pixel_values=pixels).pooler_output.float())
-        return torch.cat(out)
-
-    return {
-        "value": frechet_distance(features(list(generated)), features(real)),
-        "generated": len(generated),
-        "real": len(real),
-        "features": f"teacher SigLIP pooled output ({teacher_dir}), not Inception",
-    }

@@ -12,7 +12,7 @@ from mllm_testing import build_micro, random_codes, tiny_image_tokenizer, train_
 from PIL import Image
 
 from data_recipes.shapes_dataset import write_shapes_dataset
-from eval import tasks
+from eval import t2i_tasks, tasks
 from eval.tasks import EvalSettings, SampleLog, heldout_image_ids
 
 
@@ -225,7 +225,7 @@ EXACT = {"image_top_p": 1.0, "image_top_k": 0}
 def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path):
     data, model, processor = setup
     prompts = data / "test" / "prompts.jsonl"
-    one = tasks.run_t2i(
+    one = t2i_tasks.run_t2i(
         model,
         processor,
         prompts,
@@ -234,7 +234,7 @@ def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path)
         generation_overrides=EXACT,
     )
     # Batched run, interrupted after two prompts and resumed.
-    tasks.run_t2i(
+    t2i_tasks.run_t2i(
         model,
         processor,
         prompts,
@@ -242,7 +242,7 @@ def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path)
         EvalSettings(batch_size=2, limit=2, progress=False),
         generation_overrides=EXACT,
     )
-    tasks.run_t2i(
+    t2i_tasks.run_t2i(
         model,
         processor,
         prompts,
@@ -267,7 +267,7 @@ def test_t2i_images_do_not_depend_on_batch_size_or_resume_point(setup, tmp_path)
 def test_t2i_reference_scores_the_prompts_own_images_and_their_reconstructions(setup, tmp_path):
     data, model, processor = setup
     settings = EvalSettings(batch_size=3, limit=4, progress=False)
-    metrics = tasks.run_t2i(
+    metrics = t2i_tasks.run_t2i(
         model, processor, data / "test" / "prompts.jsonl", tmp_path, settings, generation_overrides=EXACT,
         reference=True,
     )  # fmt: skip
@@ -284,12 +284,14 @@ def test_t2i_reference_scores_the_prompts_own_images_and_their_reconstructions(s
     # The micro model is random: a caption changes its image losses, in one direction or the other.
     assert use["own_caption"]["pixel"] != use["shifted_caption"]["pixel"]
     codes = [random_codes(model, seed) for seed in range(3)]
-    same = tasks.caption_use_losses(model, processor, ["a red circle"] * 3, codes, batch_size=2)
+    same = t2i_tasks.caption_use_losses(model, processor, ["a red circle"] * 3, codes, batch_size=2)
     assert same["own_caption"] == pytest.approx(same["shifted_caption"], abs=1e-6)
 
     specs = [json.loads(line) for line in (data / "test" / "prompts.jsonl").read_text().splitlines()[:2]]
     with pytest.raises(ValueError, match="'file'"):
-        tasks.t2i_reference_scores(processor, [{**s, "file": None} for s in specs], data / "test", settings)
+        t2i_tasks.t2i_reference_scores(
+            processor, [{**s, "file": None} for s in specs], data / "test", settings
+        )
 
 
 def test_sample_log_drops_a_torn_last_line_and_rejects_corruption_elsewhere(tmp_path):
@@ -401,10 +403,10 @@ def test_generated_vs_real_fd_is_zero_for_the_real_set_and_grows_for_noise(tmp_p
     write_shapes_dataset(tmp_path / "data", n=120, size=32, workers=0, verbose=False)
     real_dir = tmp_path / "data" / "test" / "images"
     real = [Image.open(p).convert("RGB") for p in sorted(real_dir.glob("*.png"))]
-    same = tasks.generated_vs_real_fd(real, real_dir, tmp_path / "teacher")
+    same = t2i_tasks.generated_vs_real_fd(real, real_dir, tmp_path / "teacher")
     assert same["generated"] == same["real"] == len(real) and abs(same["value"]) < 1e-3
     rng = np.random.default_rng(0)
     noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in real]
-    assert tasks.generated_vs_real_fd(noise, real_dir, tmp_path / "teacher")["value"] > 1.0
+    assert t2i_tasks.generated_vs_real_fd(noise, real_dir, tmp_path / "teacher")["value"] > 1.0
     with pytest.raises(ValueError, match="need >= 2 images"):
-        tasks.generated_vs_real_fd(real[:1], real_dir, tmp_path / "teacher")
+        t2i_tasks.generated_vs_real_fd(real[:1], real_dir, tmp_path / "teacher")
