@@ -194,3 +194,24 @@ def test_a_sigkilled_process_resumes_to_the_uninterrupted_weights(
     _train(trainer, dataset, out, teacher, resume=True)
     worst = max_abs_diff(reference, out)
     assert worst <= 1e-6, f"{context}: resumed weights differ from the uninterrupted run by {worst:.3g}"
+
+
+def test_tokenizer_resumes_only_with_the_settings_it_was_trained_with(
+    dataset, teacher, tokenizer_run, tmp_path
+):
+    out = tmp_path / "tokenizer"
+    with pytest.raises(Killed):
+        _train("tokenizer", dataset, out, teacher, on_event=kill_at("end", 4))
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 there, 0.5 now\)"):
+        train_tokenizer(
+            dataset,
+            out,
+            micro_settings(**{**TOKENIZER, "lr": 0.5}),
+            teacher_dir=teacher,
+            progress=False,
+            resume=True,
+        )
+    # logging and checkpoint cadence may change on resume; the weights do not
+    changed = micro_settings(**{**TOKENIZER, "log_every": 1, "checkpoint_every": 5})
+    metrics = train_tokenizer(dataset, out, changed, teacher_dir=teacher, progress=False, resume=True)
+    assert metrics["resumed_from_step"] == 3 and max_abs_diff(tokenizer_run, out) <= 1e-6

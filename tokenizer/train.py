@@ -57,6 +57,7 @@ from tokenizer.train_checkpoint import (
     load_state,
     save_checkpoint,
     set_rng_state,
+    settings_mismatch,
 )
 
 METRICS_NAME = "train_metrics.json"
@@ -321,6 +322,18 @@ def train_tokenizer(
             f"train_tokenizer: {out} already holds checkpoints (newest {existing[-1][1].name}); pass resume=True "
             "(--resume) to continue that run, or choose another out_dir"
         )
+    if resume and existing:
+        saved = json.loads((existing[-1][1] / STATE_NAME).read_text(encoding="utf-8")).get("settings", {})
+        differ = settings_mismatch(saved, asdict(settings))
+        if differ:
+            raise ValueError(
+                f"train_tokenizer: {existing[-1][1]} was trained with other settings ("
+                + ", ".join(
+                    f"{name}: {saved.get(name)!r} there, {getattr(settings, name, None)!r} now"
+                    for name in differ
+                )
+                + "); resume with the same settings or choose another out_dir"
+            )
     with _threads(settings.threads):
         images = source_images(data_dir, settings.split, settings.recipe_root)
         torch.manual_seed(settings.seed)

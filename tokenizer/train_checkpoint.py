@@ -24,6 +24,15 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 STATE_NAME = "trainer_state.json"
+# Settings a resumed run may change: they do not touch the weights or the data order.
+FREE_SETTINGS = (
+    "threads",
+    "num_workers",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+)
 
 
 def batch_positions(step: int, rank: int, per_rank: int, world: int) -> range:
@@ -60,6 +69,12 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> torch.Tensor:
         return load_pixels([self.images[i] for i in self.indices(step)], self.image_size)
+
+
+def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Names of the settings (other than FREE_SETTINGS) whose values differ between two `asdict(settings)`."""
+    names = sorted((set(saved) | set(current)) - set(FREE_SETTINGS))
+    return [name for name in names if saved.get(name) != current.get(name)]
 
 
 def checkpoint_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
