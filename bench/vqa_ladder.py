@@ -157,10 +157,10 @@ def evaluate(
     questions: list[dict],
     answers: dict,
     batch: int = 64,
-    replies: list | None = None,
+    transcript: list | None = None,
 ) -> dict:
     """Per-type accuracy (color and shape also split by how the object is named: by its place or by an
-    attribute); `replies` collects [question, answer, reply] rows when given."""
+    attribute); `transcript` collects [question, answer, reply] rows when given."""
     from mllm.generation import GenerationSettings, generate_chat
 
     settings = GenerationSettings.tiny(max_new_tokens=6, temperature=0.0, allow_image_output=False)
@@ -175,8 +175,8 @@ def evaluate(
         for q, reply in zip(chunk, replies):
             truth = answers[q["question_id"]]
             hit = int(normalize_answer(reply.text) == normalize_answer(truth["multiple_choice_answer"]))
-            if replies is not None:
-                replies.append([q["question"], truth["multiple_choice_answer"], reply.text])
+            if transcript is not None:
+                transcript.append([q["question"], truth["multiple_choice_answer"], reply.text])
             correct[truth["question_type"]].append(hit)
             if truth["question_type"] in ("color", "shape"):
                 by_place = any(phrase in q["question"] for phrase in POSITION_PHRASES.values())
@@ -281,12 +281,12 @@ def main(argv=None) -> dict:
             print(json.dumps(curve[-1]), flush=True)
     train_s = time.perf_counter() - t0
     model.eval()
-    replies: list = []
-    result = evaluate(model, processor, source, questions, answers, replies=replies)
+    transcript: list = []
+    result = evaluate(model, processor, source, questions, answers, transcript=transcript)
     row = {
         "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
-        **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": replies,
+        **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip
     cols = ["overall", *TYPES]
     print(
