@@ -37,7 +37,7 @@ class DemoSettings:
     eval_captions: int = 100
     eval_chat: int = 150
     eval_t2i: int = 120
-    probe_steps: int = 800  # optimizer steps per code probe (tokenizer_eval, 2,000 train images)
+    probe_steps: int = 1500  # optimizer steps per code probe (tokenizer_eval, 2,000 train images)
     threads: int = 2
 
 
@@ -155,7 +155,12 @@ def stage_tokenizer_eval(ctx: DemoContext) -> dict:
     )
     # What the codes carry per scene cell and about position (the ceiling of what the MLLM can read from them).
     probe = probe_tokenizer(
-        ctx.path("tokenizer"), ctx.data_dir, split="train", limit=2000, seed=ctx.settings.seed
+        ctx.path("tokenizer"),
+        ctx.data_dir,
+        split="train",
+        limit=2000,
+        steps=ctx.settings.probe_steps,
+        seed=ctx.settings.seed,
     )
     atomic_write_json(out / "probe.json", probe)
     return {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

@@ -32,6 +32,7 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert (out / "eval_tokenizer" / "reconstructions.png").exists() and "reconstructions.png" in report
     probe = json.loads((out / "eval_tokenizer" / "probe.json").read_text())
     assert probe["split"] == "train" and probe["images"] == 216 and {"pixel", "semantic"} <= set(probe)
+    assert probe["steps"] == 20  # --probe-steps reaches the probes
     assert "What the codes carry" in report and "| semantic |" in report
     vqa = json.loads((out / "eval" / "vqa_metrics.json").read_text())
     assert vqa["all"]["num_questions"] == 4 and vqa["shuffled_images"]["num_questions"] == 4

@@ -169,7 +169,7 @@ def probe_tokenizer(
             for branch in BRANCHES:
                 latents[branch].append(model.embed_codes(getattr(codes, branch), branch).cpu())
     result = probe_latents({k: torch.cat(v) for k, v in latents.items()}, scenes, steps, seed)
-    return {"tokenizer": str(tokenizer_dir), "data": str(data_dir), "split": split, **result}
+    return {"tokenizer": str(tokenizer_dir), "data": str(data_dir), "split": split, "steps": steps, **result}
 
 
 def format_probe(result: dict[str, Any]) -> str:
