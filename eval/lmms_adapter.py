@@ -60,7 +60,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.tasks import _contiguous_batches
+from eval.tasks import contiguous_batches
 from mllm.sequence import IMAGE_PLACEHOLDER
 
 NO_DEPS_PACKAGES = (
@@ -262,7 +262,7 @@ class DualTokenLMMS(lmms):
         from mllm.generation import generate_chat
 
         texts: list[str] = []
-        for run in _contiguous_batches(list(rows), len(rows), lambda row: row[0]):
+        for run in contiguous_batches(list(rows), len(rows), lambda row: row[0]):
             conversations = [
                 self.conversation(context, len(images), where) for _, context, images, where in run
             ]
@@ -284,7 +284,7 @@ class DualTokenLMMS(lmms):
             groups.setdefault(key(request.args), []).append(index)
         for group in groups.values():
             settings = generation_settings(requests[group[0]].args[1], self.default_max_new_tokens, self.seed)
-            for batch in _contiguous_batches(group, self.batch_size, lambda i: i):
+            for batch in contiguous_batches(group, self.batch_size, lambda i: i):
                 yield settings, batch
 
     # ------------------------------------------------------------------ lmms-eval interface

@@ -9,25 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from data_recipes.atomic_io import atomic_save_png, atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
-from eval.tasks import EvalSettings, SampleLog, pending_items, progress_bar
-
-
-def contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], int]) -> Iterable[list[Any]]:
-    """Batches of at most `size` items whose `index` values are consecutive."""
-    batch: list[Any] = []
-    for item in items:
-        if batch and (len(batch) == size or index(item) != index(batch[-1]) + 1):
-            yield batch
-            batch = []
-        batch.append(item)
-    if batch:
-        yield batch
+from eval.tasks import EvalSettings, SampleLog, contiguous_batches, pending_items, progress_bar
 
 
 def run_t2i(

@@ -86,6 +86,18 @@ def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def contiguous_batches(items: Sequence[Any], size: int, index: Callable[[Any], int]) -> Iterable[list[Any]]:
+    """Batches of at most `size` items whose `index` values are consecutive (for the T2I task and lmms-eval)."""
+    batch: list[Any] = []
+    for item in items:
+        if batch and (len(batch) == size or index(item) != index(batch[-1]) + 1):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
 def spread_subset(items: Sequence[Any], limit: int | None, seed: int = 0) -> list[Any]:
     """`limit` items drawn uniformly without replacement (seeded, so every run and every resume draws the same
     ones), in their order in `items`; all of them when `limit` is None or not smaller."""
