@@ -136,6 +136,20 @@ def build(args, source: CodeSource, text_tokenizer):
             return table(semantic_codes[..., 0])
 
         model.understanding_cell_embedding = learned_cells
+    elif args.cell_input == "learned-depths":
+        # A trainable LLM-width vector per code at every depth, summed over the depths (no code MLP).
+        tables = torch.nn.ModuleList(
+            torch.nn.Embedding(model.config.codebook_size, model.config.hidden_size)
+            for _ in range(model.config.rq_depth)
+        )
+        for table in tables:
+            torch.nn.init.normal_(table.weight, std=0.02)
+        model.learned_cell_tables = tables
+
+        def learned_cells(pixel_codes, semantic_codes):
+            return sum(table(semantic_codes[..., d]) for d, table in enumerate(tables))
+
+        model.understanding_cell_embedding = learned_cells
     elif args.cell_input == "trainable-codes":
         # The model's own path (sum of code embeddings -> code MLP), but the semantic code table trains, starting
         # from the tokenizer's codebook (or the oracle's random table).
@@ -202,10 +216,10 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--cell-input",
-        choices=("projector", "learned", "trainable-codes"),
+        choices=("projector", "learned", "learned-depths", "trainable-codes"),
         default="projector",
         help="projector: frozen code embeddings -> code MLP (the model's path); learned: a trainable vector per "
-        "depth-0 code; trainable-codes: the projector path over a trainable copy of the semantic code table",
+        "depth-0 code; learned-depths: one per code at every depth, summed; trainable-codes: the projector path over a trainable copy of the semantic code table",
     )
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=16)
