@@ -56,9 +56,12 @@ def checkpoint_dirs(work: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the settings (other than FREE_SETTINGS) whose values differ between two `asdict(settings)`."""
-    names = sorted((set(saved) | set(current)) - set(FREE_SETTINGS))
+def settings_mismatch(
+    saved: dict[str, Any], current: dict[str, Any], free: tuple[str, ...] = FREE_SETTINGS
+) -> list[str]:
+    """Names of the settings (other than `free`, which a resumed run may change) whose values differ between two
+    `asdict(settings)`."""
+    names = sorted((set(saved) | set(current)) - set(free))
     return [name for name in names if saved.get(name) != current.get(name)]
 
 

@@ -48,8 +48,10 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenizer.encode import KeyedImage, dataset_images, is_shapes_dataset, load_pixels, source_images
+from tokenizer.teacher_checkpoint import settings_mismatch
 from tokenizer.train_checkpoint import (
     CHECKPOINTS,
+    FREE_SETTINGS,
     STATE_NAME,
     TMP_PREFIX,
     StepBatches,
@@ -57,7 +59,6 @@ from tokenizer.train_checkpoint import (
     load_state,
     save_checkpoint,
     set_rng_state,
-    settings_mismatch,
 )
 
 METRICS_NAME = "train_metrics.json"
@@ -324,7 +325,7 @@ def train_tokenizer(
         )
     if resume and existing:
         saved = json.loads((existing[-1][1] / STATE_NAME).read_text(encoding="utf-8")).get("settings", {})
-        differ = settings_mismatch(saved, asdict(settings))
+        differ = settings_mismatch(saved, asdict(settings), free=FREE_SETTINGS)
         if differ:
             raise ValueError(
                 f"train_tokenizer: {existing[-1][1]} was trained with other settings ("

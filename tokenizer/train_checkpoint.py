@@ -71,12 +71,6 @@ class StepBatches(torch.utils.data.Dataset):
         return load_pixels([self.images[i] for i in self.indices(step)], self.image_size)
 
 
-def settings_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the settings (other than FREE_SETTINGS) whose values differ between two `asdict(settings)`."""
-    names = sorted((set(saved) | set(current)) - set(FREE_SETTINGS))
-    return [name for name in names if saved.get(name) != current.get(name)]
-
-
 def checkpoint_dirs(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Finished checkpoints (step, path), oldest first; temporary directories of interrupted saves are ignored."""
     root = Path(out_dir) / CHECKPOINTS
