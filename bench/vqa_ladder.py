@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_recipes.shapes import SIZE_RADIUS, Scene  # noqa: E402
+from data_recipes.cell_truth import cell_class_grid  # noqa: E402
+from data_recipes.shapes import Scene  # noqa: E402
 from data_recipes.shapes_text import POSITION_PHRASES, SHORT_ANSWER_SUFFIX, distinct_vqa_items, vqa_dialogue  # noqa: E402
 from eval.vqa_accuracy import normalize_answer  # noqa: E402
 from train.data import llava_messages  # noqa: E402
@@ -44,26 +45,6 @@ TYPES = ("color", "shape", "count", "position", "existence")
 def read_scenes(path: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {row["image_id"]: row for row in rows}
-
-
-def oracle_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
-    """(grid, grid) cell classes: 0 background, else 1 + the (color, shape, size) index of the object whose
-    bounding box covers the cell's centre (with one pixel of slack)."""
-    from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, cell_center
-
-    out = torch.zeros(grid, grid, dtype=torch.long)
-    patch = size / grid
-    for obj in scene.objects:
-        cx, cy = cell_center(obj.row, obj.col, size)
-        radius = SIZE_RADIUS[obj.size] * size / 3 + 1
-        cls = 1 + (COLOR_NAMES.index(obj.color) * len(SHAPES) + SHAPES.index(obj.shape)) * len(SIZES)
-        cls += SIZES.index(obj.size)
-        for r in range(grid):
-            for c in range(grid):
-                px, py = (c + 0.5) * patch, (r + 0.5) * patch
-                if abs(px - cx) <= radius and abs(py - cy) <= radius:
-                    out[r, c] = cls
-    return out
 
 
 def dense_items(scene: Scene, rng: random.Random, turns: int) -> list[dict]:
@@ -93,7 +74,7 @@ class CodeSource:
         ids = [i for i in rows if (split, i) not in self.cache]
         if self.rung == "oracle":
             for i in ids:
-                grid = oracle_grid(Scene.from_dict(rows[i]["scene"]))
+                grid = cell_class_grid(Scene.from_dict(rows[i]["scene"]))
                 codes = torch.zeros(*grid.shape, self.depth, dtype=torch.long)
                 codes[..., 0] = grid
                 self.cache[(split, i)] = (codes, codes)

@@ -290,15 +290,7 @@ def _t2i_section(run: Path) -> list[str]:
     if reference:
         lines += ["The reference rows run the same check on the data itself: the reconstructed row is the most a "
                   "generator can score through this tokenizer's pixel decoder.", ""]  # fmt: skip
-    use = reference.get("caption_use")
-    if use:
-        own, shifted = use["own_caption"], use["shifted_caption"]
-        heads = [h for h in ("pixel", "semantic") if h in own]
-        lines += ["Caption use: the model's image cross-entropy on those images (nats per code, "
-                  f"{' / '.join(heads)} head) with their own captions "
-                  f"**{' / '.join(f'{own[h]:.3f}' for h in heads)}**, with another prompt's caption "
-                  f"**{' / '.join(f'{shifted[h]:.3f}' for h in heads)}** (equal numbers: the generator ignores "
-                  "the caption).", ""]  # fmt: skip
+    lines += _t2i_diagnostics_lines(reference)
     fd = metrics.get("fd")
     if fd:
         lines += [f"FD of {fd['generated']} generated vs {fd['real']} real test images: **{fd['value']:.1f}** "
@@ -308,6 +300,42 @@ def _t2i_section(run: Path) -> list[str]:
     grid = verdict_grid(run / "eval" / "t2i_images", verdicts, samples, run / "eval" / "t2i_grid.png")
     if grid:
         lines += ["![generated images with verdicts](eval/t2i_grid.png)", ""]
+    return lines
+
+
+def _t2i_diagnostics_lines(reference: Mapping[str, Any]) -> list[str]:
+    """Per-depth image losses under controlled inputs, and per-depth code entropies (`eval.t2i_diagnostics`)."""
+    lines: list[str] = []
+    use = reference.get("caption_use")
+    if use:
+        labels = {"own_caption": "own caption", "shifted_caption": "another prompt's caption",
+                  "zero_state": "LLM state zeroed", "shuffled_state": "LLM state shuffled across cells"}  # fmt: skip
+        rows = [
+            (head, labels[condition], *(f"{value:.4f}" for value in values))
+            for head, per in use.items()
+            for condition, values in per.items()
+        ]
+        depth = max(len(values) for per in use.values() for values in per.values())
+        lines += ["Where the caption is lost: the model's image cross-entropy on the prompts' own images (nats per "
+                  "code, per residual depth). Own = another caption: the caption does not reach the depth heads; "
+                  "own = zeroed state: the heads do not use the LLM at all.", "",
+                  _table(("head", "input", *(f"depth {d}" for d in range(depth))), rows), ""]  # fmt: skip
+    entropy = reference.get("code_entropy")
+    if entropy:
+        labels = {"marginal": "marginal", "given_place": "given the cell's place",
+                  "given_content": "given what the cell shows", "given_place_and_content": "given both"}  # fmt: skip
+        heads = {k: v for k, v in entropy.items() if isinstance(v, dict)}
+        rows = [
+            (head, labels[key], *(f"{value:.3f}" for value in values))
+            for head, per in heads.items()
+            for key, values in per.items()
+        ]
+        depth = max(len(values) for per in heads.values() for values in per.values())
+        lines += [f"How much of each depth the scene predicts: plug-in code entropy (nats) over {entropy['cells']:,} "
+                  "cells of those images (biased low where the condition has many values). The gap between the "
+                  "marginal and the conditional rows is what a caption-and-position-aware generator can remove "
+                  "from that depth's loss.", "",
+                  _table(("head", "entropy", *(f"depth {d}" for d in range(depth))), rows), ""]  # fmt: skip
     return lines
 
 

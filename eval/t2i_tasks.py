@@ -1,7 +1,8 @@
 """Text-to-image evaluation: `run_t2i` draws an image per prompt spec (resumable per-sample file, PNGs written
 atomically), parses each with the shapes-world scene parser and scores it against its spec (`eval.t2i_scoring`);
 with `reference=True` it also scores the prompts' own test images and their DualToken reconstructions (the metric's
-ceiling). `caption_use_losses` measures whether the image loss depends on the caption at all, and
+ceiling). `eval.t2i_diagnostics` measures, per residual depth, whether the image loss depends on the caption and on
+the LLM at all and how much of each depth the scene predicts, and
 `generated_vs_real_fd` is the Frechet distance between generated and real images in the teacher's feature space.
 """
 
@@ -36,9 +37,10 @@ def run_t2i(
     With `reference`, the metrics add `reference`: the same check on each scored prompt's own image (its spec's
     `file`, relative to the prompts file's folder) and on that image's reconstruction through the model's image
     tokenizer, i.e. what a generator that reproduced the data exactly would score with and without the
-    tokenizer's loss (the ceiling of this metric for this tokenizer); and `caption_use`: the model's image
-    cross-entropy on those images with their own captions and with the captions shifted by one prompt (equal
-    numbers mean the generator ignores the caption).
+    tokenizer's loss (the ceiling of this metric for this tokenizer); `caption_use`: the model's image
+    cross-entropy per head and depth on those images with their own captions, with the captions shifted by one
+    prompt (equal numbers mean the generator ignores the caption), and with the heads' LLM state zeroed or shuffled
+    across cells (equal numbers mean the heads ignore the LLM); and `code_entropy` (see `t2i_reference_scores`).
 
     With `real_images` (a folder of PNGs, e.g. the split's `images/`) the metrics add `fd`: the Fréchet distance
     between the generated and the real images' pooled features of the teacher SigLIP tower (`teacher_dir`, by
@@ -113,7 +115,12 @@ def t2i_reference_scores(
 ) -> dict[str, Any]:
     """{"real": summary, "reconstructed": summary}: the T2I check on the specs' own images (`root / spec["file"]`)
     and on their reconstructions through `processor`'s image tokenizer (pixel codes -> pixel decoder). With
-    `model`, also "caption_use" (see `caption_use_losses`)."""
+    `model`, also "caption_use": `eval.t2i_diagnostics.image_loss_diagnostics` on those images (per head and depth:
+    own caption, shifted caption, zeroed and cell-shuffled LLM state). When `root` holds the split's
+    `scenes.jsonl`, also "code_entropy": `code_entropies` of the images' codes against what each cell shows."""
+    import torch
+
+    from eval.t2i_diagnostics import code_entropies, image_loss_diagnostics
     from eval.t2i_scoring import score_t2i
     from mllm.generation import decode_codes
 
@@ -134,38 +141,40 @@ def t2i_reference_scores(
         for name, images in (("real", real), ("reconstructed", reconstructed))
     }
     if model is not None and len(paired) > 1:
-        result["caption_use"] = caption_use_losses(
-            model, processor, [spec["prompt"] for spec in paired], codes, settings.batch_size
+        result["caption_use"] = image_loss_diagnostics(
+            model, processor, [spec["prompt"] for spec in paired], codes, settings.batch_size, settings.seed
         )
+    classes = _cell_classes(root, paired, codes[0][0].shape[0])
+    if classes is not None:
+        result["code_entropy"] = {
+            "cells": int(classes.numel()),
+            **code_entropies(
+                {"pixel": torch.stack([c[0] for c in codes]), "semantic": torch.stack([c[1] for c in codes])},
+                classes,
+            ),
+        }
     return result
 
 
-def caption_use_losses(
-    model, processor, captions: Sequence[str], codes: Sequence[Any], batch_size: int
-) -> dict[str, dict[str, float]]:
-    """The model's image cross-entropy (per head, nats per code) on images given as codes, once with each image's
-    own caption and once with the captions shifted by one (every image gets another prompt's caption)."""
+def _cell_classes(root: Path, specs: Sequence[Mapping[str, Any]], grid: int):
+    """(N, grid, grid) cell classes of the specs' images from the split's `scenes.jsonl` (shapes-world data),
+    or None when the folder has no scenes file or a spec's image is not in it."""
     import torch
 
-    from mllm.generation import eval_mode
+    from data_recipes.cell_truth import cell_class_grid
+    from data_recipes.shapes import Scene
 
-    def losses(texts: Sequence[str]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for start in range(0, len(texts), batch_size):
-            chunk = range(start, min(start + batch_size, len(texts)))
-            batch = processor.collate([processor.t2i_example(texts[i], codes[i]) for i in chunk])
-            out = model(**{k: v.to(model.device) for k, v in batch.items()})
-            for head in ("pixel", "semantic"):
-                value = getattr(out, f"loss_{head}", None)
-                if value is not None:
-                    totals[head] = totals.get(head, 0.0) + float(value) * len(chunk)
-        return {head: total / len(texts) for head, total in totals.items()}
-
-    with torch.no_grad(), eval_mode(model):
-        return {
-            "own_caption": losses(captions),
-            "shifted_caption": losses([*captions[1:], captions[0]]),
-        }
+    path = root / "scenes.jsonl"
+    if not path.is_file():
+        return None
+    scenes = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            scenes[row.get("image_id")] = row.get("scene")
+    if any(spec.get("image_id") not in scenes for spec in specs):
+        return None
+    return torch.stack([cell_class_grid(Scene.from_dict(scenes[spec["image_id"]]), grid) for spec in specs])
 
 
 def _image_tokenizer_teacher(processor) -> Path:

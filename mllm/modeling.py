@@ -490,7 +490,7 @@ class DualTokenMLLM(PreTrainedModel):
         text_logits = self.text_logits(hidden[:, :-1][answer]).float()
         out.loss_text = _mean_ce(text_logits, targets[answer])
 
-        prev = self._output_cell_predictors(input_ids, pixel_codes, image_is_output)
+        prev = self.output_cell_predictors(input_ids, pixel_codes, image_is_output)
         states = hidden[prev[:, 0], prev[:, 1]]
         pixel_targets = _output_cell_codes(pixel_codes, image_is_output, self.config.rq_depth, states.device)
         out.pixel_logits = self.pixel_head(states, pixel_targets, self.pixel_code_embedding)
@@ -507,7 +507,7 @@ class DualTokenMLLM(PreTrainedModel):
             loss = loss + self.config.semantic_loss_weight * out.loss_semantic
         out.loss = loss
 
-    def _output_cell_predictors(
+    def output_cell_predictors(
         self, input_ids: torch.Tensor, pixel_codes: torch.Tensor | None, image_is_output: torch.Tensor | None
     ) -> torch.Tensor:
         """(b, t-1) of the state that predicts each output-image cell (b, t), cells in reading order."""

@@ -1,0 +1,73 @@
+"""The text-to-image diagnostics: per-depth image losses under controlled inputs, and code entropies."""
+
+import math
+
+import pytest
+import torch
+from mllm_testing import build_micro, random_codes, train_text_tokenizer
+
+from eval.t2i_diagnostics import code_entropies, image_loss_diagnostics
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    text_tokenizer = train_text_tokenizer(tmp_path_factory.mktemp("tok"))
+    return build_micro(text_tokenizer)
+
+
+def test_per_depth_losses_average_to_the_models_own_loss(micro):
+    model, processor = micro
+    captions = ["a red circle", "two blue squares", "a green star"]
+    codes = [random_codes(model, seed) for seed in range(3)]
+    result = image_loss_diagnostics(model, processor, captions, codes, batch_size=2)
+    batch = processor.collate([processor.t2i_example(c, x) for c, x in zip(captions, codes)])
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    for head in ("pixel", "semantic"):
+        own = result[head]["own_caption"]
+        assert len(own) == model.config.rq_depth
+        assert sum(own) / len(own) == pytest.approx(float(getattr(out, f"loss_{head}")), rel=1e-5)
+        # A random model's heads read the LLM state: zeroing it changes the losses.
+        assert result[head]["zero_state"] != pytest.approx(own, abs=1e-6)
+        assert result[head]["own_caption"] != pytest.approx(result[head]["shifted_caption"], abs=1e-7)
+    same = image_loss_diagnostics(model, processor, ["a red circle"] * 3, codes, batch_size=2)
+    assert same["pixel"]["own_caption"] == pytest.approx(same["pixel"]["shifted_caption"], abs=1e-6)
+    with pytest.raises(ValueError, match=">= 2 captions"):
+        image_loss_diagnostics(model, processor, ["a red circle"], codes[:1])
+
+
+def test_code_entropies_separate_what_the_scene_predicts_from_noise():
+    generator = torch.Generator().manual_seed(0)
+    classes = torch.randint(0, 4, (50, 4, 4), generator=generator)
+    noise = torch.randint(0, 8, (50, 4, 4), generator=generator)
+    # depth 0 is a function of the cell's content; depth 1 is independent noise.
+    codes = torch.stack([classes * 3 + 1, noise], dim=-1)
+    result = code_entropies({"pixel": codes}, classes)["pixel"]
+    marginal = -sum(
+        p * math.log(p) for p in (torch.bincount(classes.flatten()).double() / classes.numel()).tolist()
+    )
+    assert result["marginal"][0] == pytest.approx(marginal)
+    assert result["given_content"][0] == pytest.approx(0.0, abs=1e-9)
+    assert result["given_place_and_content"][0] == pytest.approx(0.0, abs=1e-9)
+    # Noise keeps (nearly) all its entropy given the content; the plug-in estimate can only drop.
+    assert result["given_content"][1] > 0.9 * result["marginal"][1]
+    assert result["given_place_and_content"][1] <= result["given_content"][1] <= result["marginal"][1]
+    with pytest.raises(ValueError, match="do not match"):
+        code_entropies({"pixel": codes[:10]}, classes)
+
+
+def test_cell_classes_round_trip_through_scenes():
+    import random
+
+    from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid, scene_from_cell_classes
+    from data_recipes.shapes import sample_scene
+
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        grid = cell_class_grid(scene)
+        assert int(grid.max()) < NUM_CELL_CLASSES
+        assert (grid > 0).sum() >= len(scene.objects)
+        assert scene_from_cell_classes(grid) == scene
+    assert len(scene_from_cell_classes(torch.zeros(8, 8, dtype=torch.long)).objects) == 0
