@@ -301,6 +301,8 @@ def _image_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["image_top_k"] = args.image_top_k
     if args.image_top_p is not None:
         overrides["image_top_p"] = args.image_top_p
+    if getattr(args, "cfg_plausibility", None) is not None:
+        overrides["cfg_plausibility"] = args.cfg_plausibility
     return overrides
 
 
@@ -494,6 +496,13 @@ def _add_image_sampling_args(parser: argparse.ArgumentParser, aliases: bool = Fa
     """Image sampling flags; `generate` names them --cfg/--top-k/--top-p/--temperature (its only modality)."""
     prefix = "" if aliases else "image-"
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument(
+        "--cfg-plausibility",
+        type=float,
+        default=None,
+        help="with CFG, sample only codes whose conditional probability is at least this share of the best one "
+        "(default: 0.01 for the tiny codebook, off for a 16,384-code one; 0 = off)",
+    )
     parser.add_argument(
         f"--{prefix}top-k",
         dest="image_top_k",

@@ -144,6 +144,7 @@ def sample_cell(
         top_p=settings.image_top_p,
         generator=generator,
         use_cache=settings.use_cache,
+        cfg_plausibility=settings.cfg_plausibility,
     )
     return codes[0], (codes[1] if len(codes) > 1 else None)
 

@@ -19,6 +19,8 @@ the two heads made image decoding about 1.8x faster at batch 8, and recomputing 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +131,7 @@ class DepthHead(nn.Module):
         top_p: float = 1.0,
         generator: RowGenerators | torch.Generator | None = None,
         use_cache: bool = True,
+        cfg_plausibility: float = 0.0,
     ) -> torch.Tensor:
         """Sample the D codes of one cell per row, depth by depth (`StackedDepthHeads` over this head alone).
 
@@ -137,7 +140,9 @@ class DepthHead(nn.Module):
 
         With `cfg_scale` set, `hidden` holds 2B rows (conditional first, unconditional second): at every depth the
         guided logits ``u + cfg*(c - u)`` are sampled once per row and the chosen code is fed to both halves. The
-        result is (B, D) codes. `generator`: `RowGenerators` with one stream per *output* row (batch-invariant),
+        result is (B, D) codes. `cfg_plausibility` > 0 keeps, at every depth, only the codes whose conditional
+        probability is at least that fraction of the most likely conditional code (see `plausible_only`).
+        `generator`: `RowGenerators` with one stream per *output* row (batch-invariant),
         a `torch.Generator`, or None for the global RNG. `temperature <= 0` is greedy.
         """
         (codes,) = StackedDepthHeads([self], [code_embedding]).sample(
@@ -148,8 +153,23 @@ class DepthHead(nn.Module):
             top_p=top_p,
             generator=generator,
             use_cache=use_cache,
+            cfg_plausibility=cfg_plausibility,
         )
         return codes
+
+
+def plausible_only(guided: torch.Tensor, conditional: torch.Tensor, plausibility: float) -> torch.Tensor:
+    """Mask (in place, to -inf) the guided logits of every code whose conditional probability is below
+    `plausibility` times the row's most likely conditional code, and return `guided`.
+
+    CFG's ``u + s(c - u)`` rewards any code that the unconditional branch finds even less likely than the
+    conditional one, however unlikely both find it: a model sure that *some* object goes in a cell (unconditional)
+    but sure which one (conditional) gets the background there boosted past the object at s = 3. Restricting the
+    guided choice to codes the conditional model finds plausible (the adaptive plausibility constraint of
+    contrastive decoding) keeps guidance to choosing among them."""
+    logp = conditional.float().log_softmax(dim=-1)
+    floor = logp.max(dim=-1, keepdim=True).values + math.log(plausibility)
+    return guided.masked_fill_(logp < floor, float("-inf"))
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -278,9 +298,10 @@ class StackedDepthHeads:
         top_p: float = 1.0,
         generator: RowGenerators | torch.Generator | None = None,
         use_cache: bool = True,
+        cfg_plausibility: float = 0.0,
     ) -> list[torch.Tensor]:
         """The D codes of one cell per row for every head: a list of (B, D) tensors, in head order (see
-        `DepthHead.sample` for `hidden`, CFG, sampling and `use_cache`)."""
+        `DepthHead.sample` for `hidden`, CFG, `cfg_plausibility`, sampling and `use_cache`)."""
         n, total = self.count, hidden.shape[0]
         rows = total // 2 if cfg_scale is not None else total
         uniforms = self._uniforms(generator, rows, hidden.device) if temperature > 0 else None
@@ -298,12 +319,17 @@ class StackedDepthHeads:
         for d in range(self.depth):
             x = steps[-1].unsqueeze(2) if use_cache else torch.stack(steps, dim=2)
             features = self._features(x, caches, d)
+            conditional = features[:, :rows] if cfg_scale is not None and cfg_plausibility > 0 else None
             if cfg_scale is not None:
                 # The classifier is affine, so guiding its input equals guiding its logits:
                 # W(u + s(c - u)) + b = (Wu + b) + s((Wc + b) - (Wu + b)); half the classifier rows.
                 features = cfg_mix(features.transpose(0, 1), cfg_scale).transpose(0, 1)
             for i, (weight, bias) in enumerate(self.classifiers):
                 torch.addmm(bias[d], features[i], weight[d], out=logits[i])
+                if conditional is not None:
+                    plausible_only(
+                        logits[i], torch.addmm(bias[d], conditional[i], weight[d]), cfg_plausibility
+                    )
             choice = sample_logits(
                 logits.view(n * rows, -1),
                 temperature=temperature,

@@ -49,6 +49,8 @@ class GenerationSettings:
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()
     cfg_scale: float = 3.0
+    # With CFG, sample only codes whose conditional probability is >= this share of the best one (0: off).
+    cfg_plausibility: float = 0.0
     image_temperature: float = 1.0
     image_top_k: int = 900
     image_top_p: float = 0.96
@@ -73,6 +75,10 @@ class GenerationSettings:
             )
         if self.cfg_scale < 0:
             raise ValueError(f"GenerationSettings.cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0.0 <= self.cfg_plausibility < 1.0:
+            raise ValueError(
+                f"GenerationSettings.cfg_plausibility must lie in [0, 1), got {self.cfg_plausibility}"
+            )
         self.stop_strings = tuple(self.stop_strings)
 
     @classmethod
@@ -81,7 +87,15 @@ class GenerationSettings:
 
     @classmethod
     def tiny(cls, **overrides: Any) -> GenerationSettings:
-        return cls(**{"cfg_scale": 3.0, "image_top_k": 64, "image_top_p": 0.96, **overrides})
+        return cls(
+            **{
+                "cfg_scale": 3.0,
+                "cfg_plausibility": 0.01,
+                "image_top_k": 64,
+                "image_top_p": 0.96,
+                **overrides,
+            }
+        )
 
     @classmethod
     def for_codebook(cls, codebook_size: int, **overrides: Any) -> GenerationSettings:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from mllm_testing import build_micro, random_codes, tiny_image_tokenizer, train_text_tokenizer
+from mllm_testing import build_micro, tiny_image_tokenizer, train_text_tokenizer
 from PIL import Image
 
 from data_recipes.shapes_dataset import write_shapes_dataset

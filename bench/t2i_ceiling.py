@@ -1,0 +1,123 @@
+"""How far can any generator get through the DualToken pixel codes? The T2I scene-parser check on test images
+rebuilt from codes that a generator could produce:
+
+  real                 the test images themselves (the parser's own ceiling: 100%)
+  depths 0..k-1        reconstructions from the first k residual depths of their pixel codes (k = D: the plain
+                       reconstruction, the ceiling that `dualtoken eval t2i --reference` reports)
+  lookup: mode         every cell gets, per depth, the code most often seen on the train split for what the cell
+                       shows (`data_recipes.cell_truth` class) at that place: a generator that knows each cell's
+                       content and place exactly but draws cells independently
+  lookup: mean latent  every cell gets the mean quantized latent of its (content, place) on the train split,
+                       decoded as it is (not a code sequence; an upper bound for independent cells)
+
+The lookup rows show how much of an image's codes depends on more than the cell itself (neighbours, the rest of the
+scene); the code entropies of `eval.t2i_diagnostics.code_entropies` on the train split are printed too.
+
+  .venv/bin/python bench/t2i_ceiling.py --data runs/demo/data --tokenizer runs/demo/tokenizer --codes runs/demo/codes/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid  # noqa: E402
+from data_recipes.code_shards import CodeStore, image_key  # noqa: E402
+from data_recipes.image_io import load_image  # noqa: E402
+from data_recipes.shapes import Scene  # noqa: E402
+from eval.t2i_diagnostics import code_entropies  # noqa: E402
+from eval.t2i_scoring import T2I_TAGS, load_prompt_specs, score_t2i  # noqa: E402
+
+
+def scenes(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def row(name: str, specs, images) -> dict:
+    scored = score_t2i(specs, images, show_progress=False)["all"]
+    result = {"images": name, "overall": 100 * scored["overall"]}
+    result.update({t: 100 * scored["per_tag"].get(t, float("nan")) for t in T2I_TAGS})
+    print(f"| {name} | " + " | ".join(f"{result[k]:.1f}" for k in ("overall", *T2I_TAGS)) + " |", flush=True)
+    return result
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT / "runs/demo/data")
+    p.add_argument("--tokenizer", type=Path, default=ROOT / "runs/demo/tokenizer")
+    p.add_argument("--codes", type=Path, default=ROOT / "runs/demo/codes/train")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log", type=Path, default=None)
+    args = p.parse_args(argv)
+    for name in ("data", "tokenizer", "codes"):
+        if not getattr(args, name).exists():
+            p.error(f"--{name} {getattr(args, name)} does not exist (run `make demo` first)")
+    torch.set_num_threads(args.threads)
+    from mllm.generation import tensor_to_pil
+    from tokenizer.image_processing import preprocess
+    from tokenizer.modeling import DualTokenModel
+
+    tokenizer = DualTokenModel.from_pretrained(args.tokenizer).eval()
+    quantizer = tokenizer.quantizer("pixel")
+    store = CodeStore(args.codes)
+    train = scenes(args.data / "train" / "scenes.jsonl")
+    pixel = torch.stack([store.get(image_key(r["file"]))[0].long() for r in train])
+    semantic = torch.stack([store.get(image_key(r["file"]))[1].long() for r in train])
+    classes = torch.stack([cell_class_grid(Scene.from_dict(r["scene"]), pixel.shape[1]) for r in train])
+    entropy = code_entropies({"pixel": pixel, "semantic": semantic}, classes)
+    for head, per in entropy.items():
+        for key, values in per.items():
+            print(f"entropy {head} {key}: " + " / ".join(f"{v:.3f}" for v in values))
+    n, g, _, depth = pixel.shape
+    places = g * g
+    key = (classes * places + torch.arange(places).view(1, g, g)).flatten()
+    buckets = NUM_CELL_CLASSES * places
+    seen = torch.bincount(key, minlength=buckets) > 0
+    codebook = quantizer.codebook_size
+    mode = torch.stack(
+        [
+            torch.bincount(key * codebook + pixel[..., d].flatten(), minlength=buckets * codebook)
+            .view(buckets, codebook)
+            .argmax(dim=1)
+            for d in range(depth)
+        ],
+        dim=-1,
+    )
+    with torch.no_grad():
+        latent = quantizer.decode_codes(pixel).reshape(-1, quantizer.code_dim)
+    mean = torch.zeros(buckets, latent.shape[-1]).index_add_(0, key, latent)
+    mean /= torch.bincount(key, minlength=buckets).clamp(min=1).unsqueeze(-1).float()
+
+    specs = load_prompt_specs(args.data / "test" / "prompts.jsonl")
+    test = {r["image_id"]: r for r in scenes(args.data / "test" / "scenes.jsonl")}
+    real = [load_image(args.data / "test" / s["file"]) for s in specs]
+    test_classes = torch.stack(
+        [cell_class_grid(Scene.from_dict(test[s["image_id"]]["scene"]), g) for s in specs]
+    )
+    test_key = test_classes * places + torch.arange(places).view(1, g, g)
+    # A (content, place) never seen in training (held-out pairs) falls back to the background at that place.
+    test_key = torch.where(seen[test_key], test_key, torch.arange(places).view(1, g, g).expand_as(test_key))
+    rows = [row("real", specs, real)]
+    with torch.no_grad():
+        codes = tokenizer.encode(preprocess(real, image_size=int(tokenizer.config.image_size))).pixel
+        vectors = quantizer.lookup(codes)
+        for k in range(1, depth + 1):
+            images = tokenizer._decode_latent(vectors[..., :k, :].sum(dim=-2))
+            rows.append(row(f"depths 0..{k - 1}", specs, [tensor_to_pil(x) for x in images]))
+        rows.append(row("lookup: mode", specs, [tensor_to_pil(x) for x in tokenizer.decode(mode[test_key])]))
+        images = tokenizer._decode_latent(mean[test_key])
+        rows.append(row("lookup: mean latent", specs, [tensor_to_pil(x) for x in images]))
+    if args.log:
+        args.log.write_text(json.dumps({"rows": rows, "entropy": entropy}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
