@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -33,6 +32,14 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ladder_training import (  # noqa: E402
+    add_training_args,
+    check_positive,
+    optimizer_and_schedule,
+    optimizer_step,
+    report_row,
+)
 
 from data_recipes.cell_truth import cell_class_grid, scene_from_cell_classes  # noqa: E402
 from data_recipes.code_shards import CodeStore, image_key  # noqa: E402
@@ -140,6 +147,27 @@ def draw_and_score(
     return {"overall": 100 * scored["overall"], **{t: 100 * v for t, v in scored["per_tag"].items()}}
 
 
+def compact_caption(scene: Scene) -> str:
+    return "; ".join(f"{o.size} {o.color} {o.shape} {o.position}" for o in scene.objects)
+
+
+def exact_scenes(model, processor, codes: Codes, specs: list[dict], captions: list[str], args) -> float:
+    """% of the specs' test scenes drawn exactly (every object, attribute and place) from `captions` (oracle
+    rung: the drawn class grid read back into a scene; other rungs: the decoded image parsed)."""
+    from data_recipes.scene_parser import parse_scene
+    from mllm.generation import GenerationSettings, decode_codes, generate_images
+
+    settings = GenerationSettings.tiny(cfg_scale=args.cfg, seed=args.seed, image_temperature=args.temperature)
+    result = generate_images(model, processor, captions, settings, decode=False)
+    grids = result.pixel_codes[:, 0]
+    if codes.rung == "oracle":
+        drawn = [scene_from_cell_classes(grid[..., 0]) for grid in grids]
+    else:
+        drawn = [parse_scene(image) for image in decode_codes(processor, grids)]
+    truth = [codes.scenes["test"][s["image_id"]] for s in specs]
+    return 100.0 * sum(a == b for a, b in zip(drawn, truth)) / len(truth)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT / "runs/demo/data")
@@ -156,24 +184,21 @@ def main(argv=None) -> dict:
         help="share of training examples that draw a train image from its dense captions (captions.json: every "
         "object with its place) instead of a GenEval-style prompt",
     )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="the --caption-share examples get a compact caption naming every object's size, color, shape and "
+        "place ('small red circle top left; large blue square center'), the calibration's captions",
+    )
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument(
         "--temperature", type=float, default=1.0, help="image sampling temperature (the demo's: 1)"
     )
     p.add_argument("--save", type=Path, default=None, help="save the trained model here (save_pretrained)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--eval-prompts", type=int, default=120)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log", type=Path, default=None)
+    add_training_args(p, steps=1000, batch=32, warmup=200)
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "warmup", "eval_prompts", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(p, args, ("eval_prompts",))
     needed = ("data", "text_tokenizer") + (("tokenizer", "codes") if args.rung != "oracle" else ())
     for name in needed:
         if not getattr(args, name).exists():
@@ -205,17 +230,11 @@ def main(argv=None) -> dict:
     for row in json.loads((args.data / "test" / "captions.json").read_text())["annotations"]:
         test_captions.setdefault(row["image_id"], row["caption"])
     dense = [test_captions[s["image_id"]] for s in diag_specs]
+    if args.compact:
+        dense = [compact_caption(codes.scenes["test"][s["image_id"]]) for s in diag_specs]
     model, processor = build(args, codes, text_tokenizer)
     model.train()
-    opt = torch.optim.AdamW(
-        [q for q in model.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda t: (
-            min(1.0, (t + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
-        ),
-    )
+    opt, sched = optimizer_and_schedule(model, args)
     captions = json.loads((args.data / "train" / "captions.json").read_text())["annotations"]
     files = {spec["image_id"]: spec["file"] for spec in train_specs}
     files.update(
@@ -236,6 +255,8 @@ def main(argv=None) -> dict:
         diag = image_loss_diagnostics(model, processor, [s["prompt"] for s in diag_specs], diag_codes)
         row["losses"] = diag
         row["losses_dense_captions"] = image_loss_diagnostics(model, processor, dense, diag_codes)
+        if args.caption_share > 0:
+            row["exact_scenes"] = exact_scenes(model, processor, codes, diag_specs, dense, args)
         model.train()
         print(
             json.dumps(
@@ -257,6 +278,11 @@ def main(argv=None) -> dict:
             spec = rng.choice(train_specs)
             if rng.random() < args.caption_share:
                 caption = rng.choice(captions)
+                if args.compact:
+                    caption = {
+                        **caption,
+                        "caption": compact_caption(codes.scenes["train"][caption["image_id"]]),
+                    }
                 spec = {
                     "prompt": caption["caption"],
                     "image_id": caption["image_id"],
@@ -270,11 +296,7 @@ def main(argv=None) -> dict:
         batch = processor.collate(examples)
         out = model(**batch)
         loss = out.loss_text + weighted_image_loss(out, batch, weights, codes.depth)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, loss)
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
@@ -284,18 +306,10 @@ def main(argv=None) -> dict:
     if args.save:
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
-    row = {"rung": args.rung, "depth_weights": args.depth_weights, "caption_share": args.caption_share, "steps": args.steps, "batch": args.batch,
+    row = {"rung": args.rung, "depth_weights": args.depth_weights, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "cfg": args.cfg, "temperature": args.temperature, "caption_dropout": args.caption_dropout, "train_s": round(train_s, 1),
            **final, "curve": curve}  # fmt: skip
-    print(
-        f"| {args.rung} | {args.depth_weights} | {args.steps} x {args.batch} | "
-        + " | ".join(f"{final.get(t, float('nan')):.1f}" for t in ("overall", *T2I_TAGS))
-        + f" | {train_s / 60:.1f} min |"
-    )
-    if args.log:
-        with args.log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
+    return report_row(args, row, [args.rung, args.depth_weights], final, ("overall", *T2I_TAGS))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -32,6 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ladder_training import (  # noqa: E402
+    add_training_args,
+    check_positive,
+    optimizer_and_schedule,
+    optimizer_step,
+    report_row,
+)
 
 from data_recipes.cell_truth import cell_class_grid  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
@@ -202,19 +209,10 @@ def main(argv=None) -> dict:
         help="projector: frozen code embeddings -> code MLP (the model's path); learned: a trainable vector per "
         "depth-0 code; learned-depths: one per code at every depth, summed; trainable-codes: the projector path over a trainable copy of the semantic code table",
     )
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-questions", type=int, default=600)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log", type=Path, default=None)
+    add_training_args(p, steps=600, batch=16, warmup=100)
     args = p.parse_args(argv)
-    for name in ("turns", "steps", "batch", "warmup", "eval_questions", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(p, args, ("turns", "eval_questions"))
     for name in ("data", "text_tokenizer") + (("tokenizer",) if args.rung != "oracle" else ()):
         if not getattr(args, name).exists():
             p.error(
@@ -241,15 +239,7 @@ def main(argv=None) -> dict:
     encode_s = time.perf_counter() - t0
     model, processor = build(args, source, text_tokenizer)
     model.train()
-    opt = torch.optim.AdamW(
-        [q for q in model.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda t: (
-            min(1.0, (t + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
-        ),
-    )
+    opt, sched = optimizer_and_schedule(model, args)
     rng = random.Random(args.seed + 1)
     ids = sorted(train_rows)
     t0 = time.perf_counter()
@@ -262,11 +252,7 @@ def main(argv=None) -> dict:
             examples.append(processor.training_example(conversation(items), [source.get("train", image_id)]))
         batch = processor.collate(examples)
         loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(model, opt, sched, loss)
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
@@ -283,16 +269,13 @@ def main(argv=None) -> dict:
         "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
         **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip
-    cols = ["overall", *TYPES]
-    print(
-        f"| {args.rung} | {'-' if args.no_cell_norm else 'yes'} | {args.turns} | {'2-D' if args.position else '-'} | {args.steps} x {args.batch} | "
-        + " | ".join(f"{row.get(c, float('nan')):.1f}" for c in cols)
-        + f" | {train_s / 60:.1f} min |"
-    )
-    if args.log:
-        with args.log.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    return row
+    labels = [
+        args.rung,
+        "-" if args.no_cell_norm else "yes",
+        str(args.turns),
+        "2-D" if args.position else "-",
+    ]
+    return report_row(args, row, labels, row, ("overall", *TYPES))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""What the ladders (`vqa_ladder.py`, `t2i_ladder.py`) share: their training options and the calibration's
+optimizer (AdamW, betas 0.9/0.98, weight decay 0.01; linear warm-up then cosine decay), so that rungs of both
+ladders train alike."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def add_training_args(p: argparse.ArgumentParser, steps: int, batch: int, warmup: int) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", type=Path, default=None, help="append the result row here as one JSON line")
+
+
+def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in ("steps", "batch", "warmup", "threads", *names):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace):
+    """(AdamW over the trainable parameters, its warm-up + cosine LambdaLR over `args.steps`)."""
+    opt = torch.optim.AdamW(
+        [q for q in model.parameters() if q.requires_grad], lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01
+    )
+
+    def factor(t: int) -> float:
+        return (
+            min(1.0, (t + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
+        )
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def report_row(
+    args: argparse.Namespace, row: dict, labels: list[str], scores: dict, columns: tuple[str, ...]
+) -> dict:
+    """Print the run as one Markdown table row (`labels`, then `scores[c]` per column, then the training minutes)
+    and append `row` to `args.log` as a JSON line when given."""
+    cells = [
+        *labels,
+        f"{args.steps} x {args.batch}",
+        *(f"{scores.get(c, float('nan')):.1f}" for c in columns),
+    ]
+    print("| " + " | ".join(cells) + f" | {row['train_s'] / 60:.1f} min |")
+    if args.log:
+        with args.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> None:
+    """One update: backward, gradient clipping at norm 1.0 (as the trainer), optimizer and schedule step."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
