@@ -311,7 +311,7 @@ def _t2i_diagnostics_lines(reference: Mapping[str, Any]) -> list[str]:
         labels = {"own_caption": "own caption", "shifted_caption": "another prompt's caption",
                   "zero_state": "LLM state zeroed", "shuffled_state": "LLM state shuffled across cells"}  # fmt: skip
         rows = [
-            (head, labels[condition], *(f"{value:.4f}" for value in values))
+            (head, labels[condition], *(f"{value:.6f}" for value in values))
             for head, per in use.items()
             for condition, values in per.items()
         ]

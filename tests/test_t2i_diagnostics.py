@@ -71,3 +71,26 @@ def test_cell_classes_round_trip_through_scenes():
         assert (grid > 0).sum() >= len(scene.objects)
         assert scene_from_cell_classes(grid) == scene
     assert len(scene_from_cell_classes(torch.zeros(8, 8, dtype=torch.long)).objects) == 0
+
+
+def test_the_report_tabulates_the_diagnostics_per_depth(tmp_path):
+    import json
+
+    from eval.report import _t2i_section
+
+    per_depth = {"own_caption": [4.98341, 1.0], "shifted_caption": [4.98345, 1.5], "zero_state": [5.0, 2.0],
+                 "shuffled_state": [4.99, 1.9]}  # fmt: skip
+    entropy = {"marginal": [2.3, 5.9], "given_place": [2.2, 5.4], "given_content": [1.9, 5.5],
+               "given_place_and_content": [1.7, 4.8]}  # fmt: skip
+    summary = {"overall": 0.5, "per_tag": {"single_object": 0.5}, "num_samples": 2}
+    metrics = {"all": summary, "reference": {"real": summary, "caption_use": {"pixel": per_depth},
+                                             "code_entropy": {"cells": 128, "pixel": entropy}}}  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "t2i_metrics.json").write_text(json.dumps(metrics))
+    text = "\n".join(_t2i_section(tmp_path))
+    # Own and shifted captions stay apart at full precision (4 decimals printed both as 4.9834).
+    assert "| pixel | own caption | 4.983410 | 1.000000 |" in text
+    assert "| pixel | another prompt's caption | 4.983450 | 1.500000 |" in text
+    assert "| pixel | LLM state zeroed | 5.000000 | 2.000000 |" in text
+    assert "| pixel | given both | 1.700 | 4.800 |" in text
+    assert "over 128 cells" in text
