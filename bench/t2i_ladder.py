@@ -122,27 +122,32 @@ def weighted_image_loss(out, batch, weights: torch.Tensor, depth: int) -> torch.
     return total
 
 
-def draw_and_score(
-    model, processor, codes: Codes, specs: list[dict], cfg: float, seed: int, temperature: float = 1.0
-) -> dict:
-    from mllm.generation import GenerationSettings, decode_codes, generate_images
+def draw_grids(model, processor, captions: list[str], args) -> torch.Tensor:
+    """(P, h, w, D) pixel code grids, one per caption, drawn with the demo's sampling (`args.cfg`,
+    `args.temperature`) in batches of 32; row r samples from stream `args.seed + r` whatever the batching."""
+    from mllm.generation import GenerationSettings, generate_images
 
-    settings = GenerationSettings.tiny(cfg_scale=cfg, seed=seed, image_temperature=temperature)
-    images = []
-    for start in range(0, len(specs), 32):
-        chunk = specs[start : start + 32]
+    settings = GenerationSettings.tiny(cfg_scale=args.cfg, image_temperature=args.temperature)
+    grids = []
+    for start in range(0, len(captions), 32):
+        chunk = captions[start : start + 32]
         result = generate_images(
-            model,
-            processor,
-            [s["prompt"] for s in chunk],
-            settings.with_overrides(seed=seed + start),
-            decode=False,
+            model, processor, chunk, settings.with_overrides(seed=args.seed + start), decode=False
         )
-        grids = result.pixel_codes[:, 0]
-        if codes.rung == "oracle":
-            images += [render(scene_from_cell_classes(grid[..., 0].clamp(min=0))) for grid in grids]
-        else:
-            images += decode_codes(processor, grids)
+        grids.append(result.pixel_codes[:, 0])
+    return torch.cat(grids)
+
+
+def draw_and_score(model, processor, codes: Codes, specs: list[dict], args) -> dict:
+    """Per-category T2I scores (%) of one picture per spec: the oracle rung's class grids read back into scenes
+    and rendered, the other rungs' pixel codes through the pixel decoder."""
+    from mllm.generation import decode_codes
+
+    grids = draw_grids(model, processor, [s["prompt"] for s in specs], args)
+    if codes.rung == "oracle":
+        images = [render(scene_from_cell_classes(grid[..., 0])) for grid in grids]
+    else:
+        images = decode_codes(processor, grids)
     scored = score_t2i(specs, images, show_progress=False)["all"]
     return {"overall": 100 * scored["overall"], **{t: 100 * v for t, v in scored["per_tag"].items()}}
 
@@ -155,11 +160,9 @@ def exact_scenes(model, processor, codes: Codes, specs: list[dict], captions: li
     """% of the specs' test scenes drawn exactly (every object, attribute and place) from `captions` (oracle
     rung: the drawn class grid read back into a scene; other rungs: the decoded image parsed)."""
     from data_recipes.scene_parser import parse_scene
-    from mllm.generation import GenerationSettings, decode_codes, generate_images
+    from mllm.generation import decode_codes
 
-    settings = GenerationSettings.tiny(cfg_scale=args.cfg, seed=args.seed, image_temperature=args.temperature)
-    result = generate_images(model, processor, captions, settings, decode=False)
-    grids = result.pixel_codes[:, 0]
+    grids = draw_grids(model, processor, captions, args)
     if codes.rung == "oracle":
         drawn = [scene_from_cell_classes(grid[..., 0]) for grid in grids]
     else:
@@ -199,6 +202,9 @@ def main(argv=None) -> dict:
     add_training_args(p, steps=1000, batch=32, warmup=200)
     args = p.parse_args(argv)
     check_positive(p, args, ("eval_prompts",))
+    for name in ("caption_share", "caption_dropout"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     needed = ("data", "text_tokenizer") + (("tokenizer", "codes") if args.rung != "oracle" else ())
     for name in needed:
         if not getattr(args, name).exists():
@@ -212,7 +218,10 @@ def main(argv=None) -> dict:
     from eval.t2i_diagnostics import image_loss_diagnostics
 
     codes = Codes(args.rung, args.data, args.tokenizer, args.codes)
-    weights = torch.tensor([float(w) for w in args.depth_weights.split(",")])
+    try:
+        weights = torch.tensor([float(w) for w in args.depth_weights.split(",")])
+    except ValueError:
+        weights = torch.tensor([])
     if weights.numel() != codes.depth or bool((weights < 0).any()) or float(weights.sum()) <= 0:
         p.error(
             f"--depth-weights needs {codes.depth} non-negative weights with a positive sum, got {args.depth_weights}"
@@ -235,14 +244,9 @@ def main(argv=None) -> dict:
     model, processor = build(args, codes, text_tokenizer)
     model.train()
     opt, sched = optimizer_and_schedule(model, args)
-    captions = json.loads((args.data / "train" / "captions.json").read_text())["annotations"]
-    files = {spec["image_id"]: spec["file"] for spec in train_specs}
-    files.update(
-        {
-            row["id"]: row["file_name"]
-            for row in json.loads((args.data / "train" / "captions.json").read_text())["images"]
-        }
-    )
+    train_captions = json.loads((args.data / "train" / "captions.json").read_text())
+    captions = train_captions["annotations"]
+    files = {row["id"]: row["file_name"] for row in train_captions["images"]}
     rng = random.Random(args.seed + 1)
     curve, t0 = [], time.perf_counter()
 
@@ -250,7 +254,7 @@ def main(argv=None) -> dict:
         model.eval()
         row = {
             "step": step,
-            **draw_and_score(model, processor, codes, eval_specs, args.cfg, args.seed, args.temperature),
+            **draw_and_score(model, processor, codes, eval_specs, args),
         }
         diag = image_loss_diagnostics(model, processor, [s["prompt"] for s in diag_specs], diag_codes)
         row["losses"] = diag
