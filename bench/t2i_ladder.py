@@ -45,6 +45,7 @@ from data_recipes.cell_truth import cell_class_grid, scene_from_cell_classes  # 
 from data_recipes.code_shards import CodeStore, image_key  # noqa: E402
 from data_recipes.shapes import Scene, render  # noqa: E402
 from eval.t2i_scoring import T2I_TAGS, load_prompt_specs, score_t2i  # noqa: E402
+from mllm.presets import tiny_fields  # noqa: E402
 
 
 def read_scenes(path: Path) -> dict[int, Scene]:
@@ -78,6 +79,17 @@ class Codes:
         pixel, semantic = self.store.get(image_key(spec["file"]))
         return pixel.long(), semantic.long()
 
+    def code_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel, semantic) (D, K) code counts over the train split (`DualTokenMLLM.set_code_priors`)."""
+        if self.rung != "oracle":
+            return self.store.code_counts()
+        grids = torch.stack([self._oracle(scene)[0] for scene in self.scenes["train"].values()])
+        flat = grids.reshape(-1, self.depth)
+        counts = torch.stack(
+            [torch.bincount(flat[:, d], minlength=tiny_fields()["codebook_size"]) for d in range(self.depth)]
+        )
+        return counts, counts
+
     def test(self, specs: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self.rung == "oracle":
             return [self._oracle(self.scenes["test"][s["image_id"]]) for s in specs]
@@ -106,6 +118,8 @@ def build(args, codes: Codes, text_tokenizer):
         g = torch.Generator().manual_seed(args.seed)
         shape = model.pixel_code_embedding.shape
         model.set_code_embeddings(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    if args.code_prior:
+        model.set_code_priors(*codes.code_counts())
     return model, processor
 
 
@@ -196,6 +210,11 @@ def main(argv=None) -> dict:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument(
         "--temperature", type=float, default=1.0, help="image sampling temperature (the demo's: 1)"
+    )
+    p.add_argument(
+        "--code-prior",
+        action="store_true",
+        help="start the depth heads at the train split's code frequencies (what `dualtoken train mllm` does)",
     )
     p.add_argument("--save", type=Path, default=None, help="save the trained model here (save_pretrained)")
     p.add_argument("--eval-prompts", type=int, default=120)

@@ -296,6 +296,17 @@ class CodeStore:
                 f"code store {self.directory} holds codes with {found}; the model expects {expected}"
             )
 
+    def code_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel, semantic) (D, K) counts of every code at every residual depth over all images of the store."""
+        counts = [torch.zeros(self.depth, self.codebook_size, dtype=torch.long) for _ in range(2)]
+        for shard in self.manifest["shards"]:
+            with safe_open(self.directory / shard["file"], framework="pt") as handle:
+                for total, name in zip(counts, ("pixel", "semantic")):
+                    codes = handle.get_tensor(name).long().reshape(-1, self.depth)
+                    for depth in range(self.depth):
+                        total[depth] += torch.bincount(codes[:, depth], minlength=self.codebook_size)
+        return counts[0], counts[1]
+
     def get(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel, semantic) LongTensors (h, w, D) of one image."""
         try:

@@ -120,6 +120,38 @@ class DepthHead(nn.Module):
         return self._classify(self._run(hidden, partial_sums))
 
     @torch.no_grad()
+    def set_code_prior(self, counts: torch.Tensor, uniform_share: float = 0.1) -> None:
+        """Start each depth's classifier at the log code frequencies of `counts` (D, K), mixed with the uniform
+        distribution at `uniform_share` so that unseen codes keep a finite logit (1e-4 for K = 1,024).
+
+        With the bias at zero, every depth starts uniform over K codes and the first hundred or so steps go into
+        pushing down the codes the data never uses; meanwhile the LLM settles on the states of a caption-blind
+        solution. In the cell-generation calibration (`bench/cell_generate_paths.py`) the depth head stayed on
+        that plateau for 500 steps with a zero bias and left it by step 150 with the prior.
+        """
+        depth, codebook = self.depth, self.codebook_size
+        if counts.shape != (depth, codebook):
+            raise ValueError(
+                f"DepthHead.set_code_prior: counts must be (depth, codebook) = ({depth}, {codebook}), "
+                f"got {tuple(counts.shape)}"
+            )
+        if not 0.0 < uniform_share <= 1.0:
+            raise ValueError(f"DepthHead.set_code_prior: uniform_share must lie in (0, 1], got {uniform_share}")
+        counts = counts.to(torch.float64)
+        totals = counts.sum(dim=1, keepdim=True)
+        if bool((totals <= 0).any()) or bool((counts < 0).any()):
+            raise ValueError("DepthHead.set_code_prior: counts must be >= 0 with at least one code per depth")
+        prior = (1.0 - uniform_share) * counts / totals + uniform_share / counts.shape[1]
+        bias = self.classifier_bias
+        if hasattr(bias, "ds_id"):  # partitioned by DeepSpeed ZeRO-3: gather, write on rank 0, re-partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
+                bias.data.copy_(prior.log().to(bias.dtype))
+        else:
+            bias.copy_(prior.log().to(bias.dtype))
+
+    @torch.no_grad()
     def sample(
         self,
         hidden: torch.Tensor,

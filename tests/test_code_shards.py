@@ -129,3 +129,16 @@ def test_image_key_is_stable_and_normalises_paths():
     assert 0 <= image_key("coco/train2017/000000000009.jpg") < 2**63
     with pytest.raises(ValueError):
         image_key(-1)
+
+
+def test_code_counts_count_every_code_at_every_depth(tmp_path):
+    pixel, semantic = _codes(7, 16, seed=3)
+    writer = CodeShardWriter(tmp_path, (3, 2), 4, 16, "tok-v1", "shapes/train", shard_size=3)
+    writer.add(list(range(7)), pixel, semantic)
+    writer.finish()
+    pixel_counts, semantic_counts = CodeStore(tmp_path).code_counts()
+    for counts, codes in ((pixel_counts, pixel), (semantic_counts, semantic)):
+        assert counts.shape == (4, 16)
+        for depth in range(4):
+            expected = torch.bincount(codes[..., depth].flatten(), minlength=16)
+            assert torch.equal(counts[depth], expected)

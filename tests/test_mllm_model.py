@@ -346,3 +346,44 @@ def test_bad_inputs_raise_clear_errors(micro):
         model(**{**batch, "pixel_codes": bad})
     with pytest.raises(ValueError, match="set_code_embeddings"):
         model.set_code_embeddings(torch.zeros(3, 3), torch.zeros(3, 3))
+
+
+@torch.no_grad()
+def test_code_priors_start_the_heads_at_the_code_frequencies(text_tokenizer):
+    model, processor = build_micro(text_tokenizer)
+    depth, k, grid = model.config.rq_depth, model.config.codebook_size, model.config.grid_size
+    generator = torch.Generator().manual_seed(0)
+    # Skewed codes: depth d uses only the first 2 + d codes, code 0 most of the time.
+    probs = torch.zeros(depth, k)
+    for d in range(depth):
+        probs[d, : 2 + d] = torch.tensor([8.0] + [1.0] * (1 + d))
+    probs /= probs.sum(dim=1, keepdim=True)
+
+    def draw_codes(n):
+        flat = torch.stack(
+            [torch.multinomial(probs[d], n * grid * grid, True, generator=generator) for d in range(depth)],
+            -1,
+        )
+        return flat.reshape(n, grid, grid, depth)
+
+    def image_losses():
+        grids = draw_codes(4)
+        examples = [processor.t2i_example("a red circle", (g, g)) for g in grids]
+        out = model(**processor.collate(examples))
+        return out.loss_pixel.item(), out.loss_semantic.item()
+
+    before = image_losses()
+    counts = draw_codes(200).reshape(-1, depth)
+    counts = torch.stack([torch.bincount(counts[:, d], minlength=k) for d in range(depth)])
+    model.set_code_priors(counts, counts)
+    for head in (model.pixel_head, model.semantic_head):
+        prior = head.classifier_bias.softmax(dim=-1)
+        expected = 0.9 * counts / counts.sum(dim=1, keepdim=True) + 0.1 / k
+        assert torch.allclose(prior, expected.float(), atol=1e-6)
+    after = image_losses()
+    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=1).mean())
+    for loss_before, loss_after in zip(before, after):
+        assert loss_before > 0.9 * torch.log(torch.tensor(float(k)))  # uniform-ish at init
+        assert loss_after < entropy + 0.5 < loss_before  # the heads start at the data's frequencies
+    with pytest.raises(ValueError, match=r"counts must be \(depth, codebook\)"):
+        model.pixel_head.set_code_prior(counts[:, :-1])

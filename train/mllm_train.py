@@ -61,6 +61,13 @@ class ModelArguments:
         default=None, metadata={"help": "sdpa | flash_attention_2 | eager"}
     )
     train_modules: str = field(default="all", metadata={"help": "all | projectors_heads (LLM frozen)"})
+    code_prior_init: bool = field(
+        default=True,
+        metadata={
+            "help": "a freshly built model's depth heads start at the code store's code frequencies "
+            "(DualTokenMLLM.set_code_priors)"
+        },
+    )
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -250,6 +257,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         dataset.store.check_geometry(
             model.config.grid_size, model.config.rq_depth, model.config.codebook_size
         )
+        if model_args.code_prior_init and not model_args.model_name_or_path:
+            model.set_code_priors(*dataset.store.code_counts())
     model = configure_trainable(model, processor, model_args)
     trainer = MLLMTrainer(
         model=model,
