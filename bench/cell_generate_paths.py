@@ -14,6 +14,8 @@ AdamW lr 1e-3 (betas 0.9/0.98, wd 0.01), 200-step warm-up then cosine, clipping 
                       the other half zeros (the pixel-head-only model, `DualTokenMLLM.output_cell_embedding`)
     --head softmax    one linear classifier over the cell ids (the calibration)
     --head depth      the project's `DepthHead` (3 layers, 128 wide, 4 residual depths, the cell id at depth 0)
+    --init project    the head's and code MLP's Linear layers normal(0, 0.02), as `DualTokenMLLM` initialises them
+    --code-prior      the depth head's classifiers start at the code frequencies (`DepthHead.set_code_prior`)
     --cell-position   a learned per-cell embedding (2-D sine-cosine at init) added to every cell's input, so the
                       state that predicts cell i+1 knows it sits at cell i without counting from `<boi>`
 
@@ -129,6 +131,7 @@ class Generator(nn.Module):
         codebook: int,
         head_layers: int,
         init: str = "default",
+        code_prior: bool = False,
     ):
         super().__init__()
         self.depth, self.codebook = depth, codebook
@@ -151,6 +154,12 @@ class Generator(nn.Module):
                     if isinstance(layer, nn.Linear):
                         nn.init.normal_(layer.weight, std=0.02)
                         nn.init.zeros_(layer.bias)
+        if code_prior and head == "depth":  # the code frequencies of 2,000 drawn grids
+            grids = draw(2000, torch.Generator().manual_seed(3))[1].flatten()
+            counts = torch.zeros(depth, codebook, dtype=torch.long)
+            counts[0] = torch.bincount(grids, minlength=codebook)
+            counts[1:, 0] = grids.numel()  # depths 1.. always hold code 0
+            self.head.set_code_prior(counts)
 
     def cell_inputs(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, n) cell ids of cells 0..n-1 -> (B, n, width)."""
@@ -242,6 +251,7 @@ def main() -> None:
         args.codebook,
         args.head_layers,
         args.init,
+        args.code_prior,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
