@@ -136,7 +136,9 @@ class DepthHead(nn.Module):
                 f"got {tuple(counts.shape)}"
             )
         if not 0.0 < uniform_share <= 1.0:
-            raise ValueError(f"DepthHead.set_code_prior: uniform_share must lie in (0, 1], got {uniform_share}")
+            raise ValueError(
+                f"DepthHead.set_code_prior: uniform_share must lie in (0, 1], got {uniform_share}"
+            )
         counts = counts.to(torch.float64)
         totals = counts.sum(dim=1, keepdim=True)
         if bool((totals <= 0).any()) or bool((counts < 0).any()):

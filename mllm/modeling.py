@@ -217,7 +217,9 @@ class DualTokenMLLM(PreTrainedModel):
         self.semantic_code_embedding.copy_(semantic.detach())
         self.code_embeddings_set.fill_(True)
 
-    def set_code_priors(self, pixel_counts: torch.Tensor, semantic_counts: torch.Tensor | None = None) -> None:
+    def set_code_priors(
+        self, pixel_counts: torch.Tensor, semantic_counts: torch.Tensor | None = None
+    ) -> None:
         """Start the depth heads' classifiers at the training codes' frequencies ((D, K) counts per head; see
         `DepthHead.set_code_prior`). The training entry calls it on a freshly built model."""
         self.pixel_head.set_code_prior(pixel_counts)
