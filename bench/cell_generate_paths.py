@@ -231,6 +231,11 @@ def main() -> None:
     parser.add_argument(
         "--head-layers", type=int, default=3, help="depth-transformer blocks of the depth head"
     )
+    parser.add_argument(
+        "--code-prior",
+        action="store_true",
+        help="the depth head starts at the code frequencies (DepthHead.set_code_prior, as training does)",
+    )
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
