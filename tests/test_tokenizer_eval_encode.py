@@ -215,10 +215,13 @@ def test_ablation_variants_are_config_overrides_and_the_table_is_written(
     )
     rows = result["variants"]
     assert list(rows) == ["same_layer", "recon_only"]
-    assert rows["same_layer"]["pixel_tap"] == "L2" and rows["recon_only"]["pixel_tap"] == "L1 + 0.6 x L1"
+    assert rows["same_layer"]["pixel_tap"] == "L2" and rows["recon_only"]["pixel_tap"] == (
+        "L1 + 0.6 x L1, per-token projection"
+    )
     assert all(row["steps"] == 2 and row["batch_size"] == 4 for row in rows.values())
     same = DualTokenModel.from_pretrained(tmp_path / "ablate" / "same_layer")
     assert same.config.pixel_layer == 2 and same.config.shortcut_layer is None
+    assert same.config.pixel_projection_attention
     table = (tmp_path / "ablate" / "ablation.md").read_text()
     assert sum(line.startswith("|") for line in table.splitlines()) == 2 + 2  # header, rule, 2 rows
     assert "zero-shot top-1" in table and "PSNR" in table and "SSIM" in table and "FD" in table

@@ -95,15 +95,25 @@ def test_straight_through_gradient_reaches_the_encoder(trainable):
     (out.quantized * torch.arange(4.0)).sum().backward()
     assert torch.equal(x.grad, torch.arange(4.0).expand(5, 4))  # identity gradient through the quantizer
 
-    net = trainable
+    def reached(module) -> bool:
+        grads = [p.grad for p in module.parameters()]
+        return all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+    net = trainable  # the tiny preset: the pixel branch taps the patch embedding
     net.zero_grad(set_to_none=True)
     out = net(images(2))
     out.losses["recon_l2"].backward()  # reconstruction only: reaches the tower through the STE alone
-    for module in (net.prequant_pixel, net.prequant_shortcut, net.backbone.encoder.layers[0]):
-        grads = [p.grad for p in module.parameters()]
-        assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert reached(net.prequant_pixel) and reached(net.backbone.embeddings)
+    assert all(
+        p.grad is None for p in net.backbone.encoder.parameters()
+    )  # no encoder layer feeds the pixel codes
     assert net.quantizer_pixel.codebook.grad is None and not net.quantizer_pixel.codebook.requires_grad
     assert net.prequant_semantic.attn.qkv.weight.grad is None  # the semantic branch plays no part in recon
+
+    layered = tiny(seed=5, pixel_layer=2, shortcut_layer=1, pixel_projection_attention=True).train()
+    layered(images(2)).losses["recon_l2"].backward()
+    for module in (layered.prequant_pixel, layered.prequant_shortcut, layered.backbone.encoder.layers[0]):
+        assert reached(module)
 
 
 # ---------------------------------------------------------------------------------------------------- quantizer
@@ -212,7 +222,7 @@ def test_after_depths_mode_does_one_update_with_every_depth_residual():
 # ---------------------------------------------------------------------------------------------------- projections
 
 
-def test_post_quant_projections_are_causal_and_pre_quant_ones_are_not(model):
+def test_post_quant_projections_are_causal_and_the_semantic_pre_quant_one_is_not(model):
     torch.manual_seed(0)
     z = torch.randn(1, 64, 32)
     changed = z.clone()
@@ -227,7 +237,33 @@ def test_post_quant_projections_are_causal_and_pre_quant_ones_are_not(model):
         h = torch.randn(1, 64, 192)
         h2 = h.clone()
         h2[:, 40] = torch.randn(192)
-        assert (model.prequant_pixel(h)[:, :40] - model.prequant_pixel(h2)[:, :40]).abs().max() > 1e-4
+        assert (model.prequant_semantic(h)[:, :40] - model.prequant_semantic(h2)[:, :40]).abs().max() > 1e-4
+        # the tiny preset's pixel pre-quant projection maps each token on its own
+        a, b = model.prequant_pixel(h), model.prequant_pixel(h2)
+        assert torch.equal(a[:, :40], b[:, :40]) and torch.equal(a[:, 41:], b[:, 41:])
+
+
+def test_patch_local_pixel_codes_depend_on_their_own_patch_only():
+    """The tiny preset (pixel_layer 0, no shortcut, no pre-quant attention): repainting one 8x8 patch changes that
+    patch's pixel latent and no other; a layer tap (layer 2, shortcut 1, attention) spreads it over the grid."""
+    x = images(1, seed=3)
+    repainted = x.clone()
+    repainted[:, :, 40:48, 16:24] = 0.25  # patch (row 5, col 2) = token 42
+    local = tiny(seed=2).eval()
+    assert local.prequant_pixel.attn is None
+    with torch.no_grad():
+        changed = (local._tower_to_semantic_layer(x)[0] - local._tower_to_semantic_layer(repainted)[0]).abs()
+        layered = tiny(seed=2, pixel_layer=2, shortcut_layer=1, pixel_projection_attention=True).eval()
+        spread = (
+            layered._tower_to_semantic_layer(x)[0] - layered._tower_to_semantic_layer(repainted)[0]
+        ).abs()
+    moved = changed.amax(-1)[0] > 1e-6
+    assert moved.nonzero().flatten().tolist() == [42]
+    assert (spread.amax(-1)[0] > 1e-6).sum() == 64
+    with pytest.raises(ValueError, match="pixel_layer"):
+        tiny(pixel_layer=-1)
+    with pytest.raises(ValueError, match="pixel_projection_attention"):
+        tiny(pixel_projection_attention="no")
 
 
 # ---------------------------------------------------------------------------------------------------- losses

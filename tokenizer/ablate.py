@@ -3,9 +3,10 @@ settings and budget (steps, batch, optimizer, seed) as the full DualToken run, i
 and one markdown table compares them (zero-shot, FD, PSNR, SSIM, as in the paper's table).
 
 Variants (`ABLATIONS`, DualTokenConfig overrides on top of the run's):
-    dualtoken      the full model: pixel branch at the shallow tap (+ shortcut), semantic branch at the deep tap
-    same_layer     pixel and semantic branches both read the deep (semantic) layer, no shortcut (VILA-U-like
-                   single-layer design, still two quantizers)
+    dualtoken      the full model: pixel branch at the shallow tap (+ shortcut; the tiny preset taps the patch
+                   embedding, per token), semantic branch at the deep tap
+    same_layer     pixel and semantic branches both read the deep (semantic) layer through the official attention
+                   projection, no shortcut (VILA-U-like single-layer design, still two quantizers)
     recon_only     shallow pixel tap, no semantic distillation (semantic_weight 0: the semantic path is never
                    trained, so its zero-shot measures what reconstruction training leaves of the teacher's tower)
     semantic_only  distillation only (reconstruction, LPIPS and GAN weights 0: the decoder is never trained)
@@ -42,7 +43,7 @@ def ablation_overrides(variant: str, semantic_layer: int) -> dict[str, Any]:
     if variant == "dualtoken":
         return {}
     if variant == "same_layer":
-        return {"pixel_layer": semantic_layer, "shortcut_layer": None}
+        return {"pixel_layer": semantic_layer, "shortcut_layer": None, "pixel_projection_attention": True}
     if variant == "recon_only":
         return {"semantic_weight": 0.0}
     if variant == "semantic_only":
@@ -63,9 +64,11 @@ def variant_settings(
 
 def _taps(run_dir: Path) -> tuple[str, str]:
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    pixel = f"L{config['pixel_layer']}"
+    pixel = f"L{config['pixel_layer']}" if config["pixel_layer"] else "patch embedding"
     if config.get("shortcut_layer") is not None:
         pixel += f" + {config['shortcut_weight']:g} x L{config['shortcut_layer']}"
+    if not config.get("pixel_projection_attention", True):
+        pixel += ", per-token projection"
     return pixel, f"L{config['semantic_layer']}"
 
 

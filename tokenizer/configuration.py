@@ -40,9 +40,13 @@ class DualTokenConfig(PretrainedConfig):
         vision_config: the SigLIP vision tower (a `SiglipVisionConfig`, its dict, or the path of a local
             SiglipVisionModel / SiglipModel directory whose config is read). Needs the pooling head.
         image_size / patch_size: must agree with `vision_config` (None takes them from it); grid = image // patch.
-        pixel_layer: the encoder layer whose output feeds the pixel branch (paper 6).
+        pixel_layer: the encoder layer whose output feeds the pixel branch (paper 6); 0 taps the patch
+            embedding itself, so that (with `pixel_projection_attention` off and no shortcut) every pixel code is a
+            function of its own patch only.
         shortcut_layer / shortcut_weight: an earlier layer whose projected output is added to the pixel latent
             with this weight (paper 4 and 0.6); None disables the shortcut.
+        pixel_projection_attention: the pixel pre-quant projection attends across the grid (the official
+            `AttnProjection`, True); False keeps its linear and MLP paths only, so it maps each token on its own.
         semantic_layer: the layer whose output feeds the semantic branch (paper 26 of 27).
         codebook_size / code_dim / rq_depth: K, the code width and D of both residual quantizers.
         shared_codebook: one codebook for every depth of a branch (the paper's setting; the only one supported).
@@ -78,6 +82,7 @@ class DualTokenConfig(PretrainedConfig):
     pixel_layer: int = 6
     shortcut_layer: int | None = 4
     shortcut_weight: float = 0.6
+    pixel_projection_attention: bool = True
     semantic_layer: int = 26
     codebook_size: int = 16384
     code_dim: int = 32
@@ -164,7 +169,6 @@ class DualTokenConfig(PretrainedConfig):
         for name in (
             "image_size",
             "patch_size",
-            "pixel_layer",
             "semantic_layer",
             "codebook_size",
             "code_dim",
@@ -185,6 +189,20 @@ class DualTokenConfig(PretrainedConfig):
         if not self.semantic_layer <= self.num_layers:
             raise ValueError(
                 f"DualTokenConfig.semantic_layer={self.semantic_layer} exceeds the tower's {self.num_layers} layers"
+            )
+        if (
+            isinstance(self.pixel_layer, bool)
+            or not isinstance(self.pixel_layer, int)
+            or self.pixel_layer < 0
+        ):
+            raise ValueError(
+                f"DualTokenConfig.pixel_layer: expected an integer >= 0 (0 = the patch embedding), got "
+                f"{self.pixel_layer!r}"
+            )
+        if not isinstance(self.pixel_projection_attention, bool):
+            raise ValueError(
+                "DualTokenConfig.pixel_projection_attention: expected true or false, got "
+                f"{self.pixel_projection_attention!r}"
             )
         if not self.pixel_layer <= self.semantic_layer:
             raise ValueError(

@@ -124,21 +124,30 @@ class GeGluMlp(nn.Module):
 
 
 class AttnProjection(nn.Module):
-    """``y = Linear(LN(x)) + Attn(LN(x)); y = y + GeGLU(LN(y))`` mapping in_dim -> out_dim (UniTok / DualToken)."""
+    """``y = Linear(LN(x)) + Attn(LN(x)); y = y + GeGLU(LN(y))`` mapping in_dim -> out_dim (UniTok / DualToken).
+    With `attention=False` the Attn term is absent and each token is mapped on its own."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, num_heads: int, causal: bool = False, mlp_ratio: float = 2.0
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_heads: int,
+        causal: bool = False,
+        mlp_ratio: float = 2.0,
+        attention: bool = True,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(in_dim)
-        self.attn = ProjectionAttention(in_dim, out_dim, num_heads, causal)
+        self.norm1 = nn.LayerNorm(in_dim) if attention else None
+        self.attn = ProjectionAttention(in_dim, out_dim, num_heads, causal) if attention else None
         self.norm3 = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, out_dim)
         self.norm2 = nn.LayerNorm(out_dim)
         self.mlp = GeGluMlp(out_dim, int(out_dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj(self.norm3(x)) + self.attn(self.norm1(x))
+        y = self.proj(self.norm3(x))
+        if self.attn is not None:
+            y = y + self.attn(self.norm1(x))
         return y + self.mlp(self.norm2(y))
 
 
@@ -162,7 +171,9 @@ class DualTokenModel(PreTrainedModel):
         heads = hidden // dim
         ratio = config.projection_mlp_ratio
         self.backbone = SiglipVisionModel(config.vision_config)
-        self.prequant_pixel = AttnProjection(hidden, dim, heads, causal=False, mlp_ratio=ratio)
+        self.prequant_pixel = AttnProjection(
+            hidden, dim, heads, causal=False, mlp_ratio=ratio, attention=config.pixel_projection_attention
+        )
         self.prequant_shortcut = (
             AttnProjection(hidden, dim, heads, causal=False, mlp_ratio=ratio)
             if config.shortcut_layer is not None
@@ -261,6 +272,8 @@ class DualTokenModel(PreTrainedModel):
         cfg = self.config
         hidden = self.backbone.embeddings(pixels)
         pixel_latent = shortcut = semantic_latent = None
+        if cfg.pixel_layer == 0:
+            pixel_latent = self.prequant_pixel(hidden)
         for i, layer in enumerate(self.backbone.encoder.layers[: cfg.semantic_layer], start=1):
             hidden = layer(hidden, None)
             if i == cfg.shortcut_layer:
