@@ -11,7 +11,9 @@ rebuilt from codes that a generator could produce:
                        decoded as it is (not a code sequence; an upper bound for independent cells)
 
 The lookup rows show how much of an image's codes depends on more than the cell itself (neighbours, the rest of the
-scene); the code entropies of `eval.t2i_diagnostics.code_entropies` on the train split are printed too.
+scene); the code entropies of `eval.t2i_diagnostics.code_entropies` on the train split are printed too, and so is
+what the parser reads wrong in the plain reconstructions: per shape and size, the objects whose cell parses as
+another shape, color or size, or as empty (what a better tokenizer has to fix for the reconstruction target).
 
   .venv/bin/python bench/t2i_ceiling.py --data runs/demo/data --tokenizer runs/demo/tokenizer --codes runs/demo/codes/train
 """
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid  # noqa: E402
 from data_recipes.code_shards import CodeStore, image_key  # noqa: E402
 from data_recipes.image_io import load_image  # noqa: E402
+from data_recipes.scene_parser import parse_scene  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
 from eval.t2i_diagnostics import code_entropies  # noqa: E402
 from eval.t2i_scoring import T2I_TAGS, load_prompt_specs, score_t2i  # noqa: E402
@@ -46,6 +49,34 @@ def row(name: str, specs, images) -> dict:
     result.update({t: 100 * scored["per_tag"].get(t, float("nan")) for t in T2I_TAGS})
     print(f"| {name} | " + " | ".join(f"{result[k]:.1f}" for k in ("overall", *T2I_TAGS)) + " |", flush=True)
     return result
+
+
+def object_errors(truths: list[Scene], images) -> dict[str, dict[str, int]]:
+    """Per 'shape size': how many objects the images show wrongly (parsed as another shape / color / size, or
+    missing), out of how many; printed as a table."""
+    out: dict[str, dict[str, int]] = {}
+    for truth, image in zip(truths, images, strict=True):
+        parsed = {obj.cell: obj for obj in parse_scene(image).objects}
+        for obj in truth.objects:
+            row = out.setdefault(
+                f"{obj.shape} {obj.size}", {"objects": 0, "shape": 0, "color": 0, "size": 0, "missing": 0}
+            )
+            row["objects"] += 1
+            got = parsed.get(obj.cell)
+            if got is None:
+                row["missing"] += 1
+            elif got.shape != obj.shape:
+                row["shape"] += 1
+            elif got.color != obj.color:
+                row["color"] += 1
+            elif got.size != obj.size:
+                row["size"] += 1
+    print("| object | objects | wrong shape | wrong color | wrong size | missing |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted(out):
+        r = out[name]
+        print(f"| {name} | {r['objects']} | {r['shape']} | {r['color']} | {r['size']} | {r['missing']} |")
+    return out
 
 
 def main(argv=None) -> list[dict]:
@@ -109,13 +140,15 @@ def main(argv=None) -> list[dict]:
         codes = tokenizer.encode(preprocess(real, image_size=int(tokenizer.config.image_size))).pixel
         vectors = quantizer.lookup(codes)
         for k in range(1, depth + 1):
-            images = tokenizer._decode_latent(vectors[..., :k, :].sum(dim=-2))
-            rows.append(row(f"depths 0..{k - 1}", specs, [tensor_to_pil(x) for x in images]))
+            images = [tensor_to_pil(x) for x in tokenizer._decode_latent(vectors[..., :k, :].sum(dim=-2))]
+            rows.append(row(f"depths 0..{k - 1}", specs, images))
+        truths = [Scene.from_dict(test[s["image_id"]]["scene"]) for s in specs]
+        errors = object_errors(truths, images)
         rows.append(row("lookup: mode", specs, [tensor_to_pil(x) for x in tokenizer.decode(mode[test_key])]))
         images = tokenizer._decode_latent(mean[test_key])
         rows.append(row("lookup: mean latent", specs, [tensor_to_pil(x) for x in images]))
     if args.log:
-        args.log.write_text(json.dumps({"rows": rows, "entropy": entropy}, indent=1))
+        args.log.write_text(json.dumps({"rows": rows, "entropy": entropy, "object_errors": errors}, indent=1))
     return rows
 
 
