@@ -138,6 +138,25 @@ def build(args, source: CodeSource, text_tokenizer):
             return sum(table(semantic_codes[..., d]) for d, table in enumerate(tables))
 
         model.understanding_cell_embedding = learned_cells
+    elif args.cell_input == "learned-pixel-depths":
+        # The model's own path, plus a trainable LLM-width vector per pixel code at every depth, summed (with
+        # patch-local pixel codes a code tuple nearly names what its patch shows, like the oracle's cell class).
+        if args.rung != "sem+pixel":
+            raise SystemExit("--cell-input learned-pixel-depths needs --rung sem+pixel")
+        tables = torch.nn.ModuleList(
+            torch.nn.Embedding(model.config.codebook_size, model.config.hidden_size)
+            for _ in range(model.config.rq_depth)
+        )
+        for table in tables:
+            torch.nn.init.normal_(table.weight, std=0.02)
+        model.learned_pixel_tables = tables
+        projected = model.understanding_cell_embedding
+
+        def learned_cells(pixel_codes, semantic_codes):
+            learned = sum(table(pixel_codes[..., d]) for d, table in enumerate(tables))
+            return projected(pixel_codes, semantic_codes) + learned
+
+        model.understanding_cell_embedding = learned_cells
     elif args.cell_input == "trainable-codes":
         # The model's own path (sum of code embeddings -> code MLP), but the semantic code table trains, starting
         # from the tokenizer's codebook (or the oracle's random table).
@@ -204,10 +223,11 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--cell-input",
-        choices=("projector", "learned", "learned-depths", "trainable-codes"),
+        choices=("projector", "learned", "learned-depths", "learned-pixel-depths", "trainable-codes"),
         default="projector",
         help="projector: frozen code embeddings -> code MLP (the model's path); learned: a trainable vector per "
-        "depth-0 code; learned-depths: one per code at every depth, summed; trainable-codes: the projector path over a trainable copy of the semantic code table",
+        "depth-0 code; learned-depths: one per code at every depth, summed; learned-pixel-depths: the projector path "
+        "plus one learned vector per pixel code at every depth, summed (sem+pixel rung); trainable-codes: the projector path over a trainable copy of the semantic code table",
     )
     p.add_argument("--eval-questions", type=int, default=600)
     add_training_args(p, steps=600, batch=16, warmup=100)
