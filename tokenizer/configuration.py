@@ -6,8 +6,9 @@ paper's (official HEAD code, `model_config_siglip_384_rvq8`, `train.py` stage 1;
 shared/reference/dualtoken-notes.md sections 2.1-2.4); `tokenizer.presets` holds the tiny and paper presets.
 
 Layer indices are 1-based and name the *output* of that encoder layer (HF `hidden_states[k]`); `pixel_layer` may
-also be 0, the patch embedding (the tiny preset's patch-local pixel tap). The semantic branch replaces the residual stream after `semantic_layer` with its quantized,
-re-projected tokens, which then run through the remaining layers, the post-layernorm and the pooling head.
+also be 0, the patch embedding (the tiny preset's patch-local pixel tap). The semantic branch replaces the residual
+stream after `semantic_layer` with its quantized, re-projected tokens, which then run through the remaining layers,
+the post-layernorm and the pooling head.
 """
 
 from __future__ import annotations
