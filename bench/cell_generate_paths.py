@@ -18,6 +18,9 @@ AdamW lr 1e-3 (betas 0.9/0.98, wd 0.01), 200-step warm-up then cosine, clipping 
     --code-prior      the depth head's classifiers start at the code frequencies (`DepthHead.set_code_prior`)
     --cell-position   a learned per-cell embedding (2-D sine-cosine at init) added to every cell's input, so the
                       state that predicts cell i+1 knows it sits at cell i without counting from `<boi>`
+    --objects patches each object is drawn large on every cell it covers in the shapes world's 64 px render (4-9
+                      cells by slot, `data_recipes.cell_truth.cell_class_grid`) instead of one cell at its slot's
+                      centre; an object counts as drawn right when all its cells are
 
     .venv/bin/python bench/cell_generate_paths.py --llm qwen2 --cells projector --head depth [--steps 750]
 """
@@ -51,8 +54,24 @@ SLOT_CELLS = [(r * 3 + 1) * 8 + (c * 3 + 1) for r in range(3) for c in range(3)]
 CODE_DIM = 32
 
 
-def draw(count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """`count` (caption (count, 10), grid (count, 64), objects) triples."""
+def large_footprints() -> list[list[int]]:
+    """Per slot, the 8x8 cells a large object there covers in the shapes world's 64 px render."""
+    from data_recipes.cell_truth import cell_class_grid
+    from data_recipes.shapes import Scene, ShapeObject
+
+    out = []
+    for slot in range(9):
+        obj = ShapeObject(shape="circle", color="red", size="large", row=slot // 3, col=slot % 3)
+        out.append(torch.nonzero(cell_class_grid(Scene(objects=[obj])).flatten()).flatten().tolist())
+    return out
+
+
+OBJECT_CELLS = {"slot": [[cell] for cell in SLOT_CELLS], "patches": large_footprints()}
+
+
+def draw(count: int, g: torch.Generator, objects_as: str = "slot") -> tuple[torch.Tensor, torch.Tensor, list]:
+    """`count` (caption (count, 10), grid (count, 64), objects) triples; `objects_as` 'slot' puts an object on
+    its slot's centre cell, 'patches' on every cell a large object there covers."""
     captions, grids, objects = [], [], []
     for _ in range(count):
         n = int(torch.randint(1, 4, (1,), generator=g))
@@ -64,7 +83,8 @@ def draw(count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, li
         caption = [t for color, shape, slot in objs for t in (COLOR0 + color, SHAPE0 + shape, SLOT0 + slot)]
         grid = [0] * 64
         for color, shape, slot in objs:
-            grid[SLOT_CELLS[slot]] = 1 + color * SHAPES + shape
+            for cell in OBJECT_CELLS[objects_as][slot]:
+                grid[cell] = 1 + color * SHAPES + shape
         captions.append([BOI] * (9 - len(caption)) + caption + [BOI])
         grids.append(grid)
         objects.append(objs)
@@ -132,6 +152,7 @@ class Generator(nn.Module):
         head_layers: int,
         init: str = "default",
         code_prior: bool = False,
+        objects_as: str = "slot",
     ):
         super().__init__()
         self.depth, self.codebook = depth, codebook
@@ -155,7 +176,7 @@ class Generator(nn.Module):
                         nn.init.normal_(layer.weight, std=0.02)
                         nn.init.zeros_(layer.bias)
         if code_prior and head == "depth":  # the code frequencies of 2,000 drawn grids
-            grids = draw(2000, torch.Generator().manual_seed(3))[1].flatten()
+            grids = draw(2000, torch.Generator().manual_seed(3), objects_as)[1].flatten()
             counts = torch.zeros(depth, codebook, dtype=torch.long)
             counts[0] = torch.bincount(grids, minlength=codebook)
             counts[1:, 0] = grids.numel()  # depths 1.. always hold code 0
@@ -199,7 +220,7 @@ class Generator(nn.Module):
 
 @torch.no_grad()
 def evaluate(
-    model: Generator, captions: torch.Tensor, grids: torch.Tensor, objects: list
+    model: Generator, captions: torch.Tensor, grids: torch.Tensor, objects: list, objects_as: str = "slot"
 ) -> tuple[float, float]:
     drawn = torch.zeros(len(captions), 0, dtype=torch.long)
     for _ in range(64):
@@ -207,7 +228,7 @@ def evaluate(
         drawn = torch.cat([drawn, nxt[:, None]], dim=1)
     exact = float((drawn == grids).all(1).float().mean())
     hits = [
-        int(drawn[i, SLOT_CELLS[s]]) == 1 + c * SHAPES + sh
+        all(int(drawn[i, cell]) == 1 + c * SHAPES + sh for cell in OBJECT_CELLS[objects_as][s])
         for i, objs in enumerate(objects)
         for c, sh, s in objs
     ]
@@ -236,6 +257,7 @@ def main() -> None:
         action="store_true",
         help="the depth head starts at the code frequencies (DepthHead.set_code_prior, as training does)",
     )
+    parser.add_argument("--objects", choices=("slot", "patches"), default="slot")
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -257,17 +279,18 @@ def main() -> None:
         args.head_layers,
         args.init,
         args.code_prior,
+        args.objects,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
     )
     train_g = torch.Generator().manual_seed(1)
-    eval_set = draw(200, torch.Generator().manual_seed(2))
+    eval_set = draw(200, torch.Generator().manual_seed(2), args.objects)
     start = time.perf_counter()
     print(" ".join(f"{k} {v}" for k, v in vars(args).items()), flush=True)
     for step in range(1, args.steps + 1):
-        captions, grids, _ = draw(32, train_g)
+        captions, grids, _ = draw(32, train_g, args.objects)
         loss, cell_loss = model.loss(model.states(captions, grids[:, :-1]), grids)
         opt.zero_grad()
         loss.backward()
@@ -278,7 +301,7 @@ def main() -> None:
             print(f"step {step} cell loss {cell_loss.item():.4f}", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            exact, objects = evaluate(model, *eval_set)
+            exact, objects = evaluate(model, *eval_set, args.objects)
             model.train()
             print(
                 f"step {step} loss {loss.item():.4f} grids exact {exact:.3f} objects drawn right {objects:.3f} "

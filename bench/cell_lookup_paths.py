@@ -11,8 +11,12 @@ warm-up then cosine, batch 32; accuracy per kind on 1,000 fresh questions every 
     --input projector   the project's cell path: a frozen random code table (1,024 x 32) -> the code MLP
                         (`mllm.cell_embedding.CodeMLP`) -> centred on the image's mean + LayerNorm -> + the learned
                         2-D cell position (`grid_sincos` at init, `--position-rms` its start scale)
+    --objects slot      each object is one cell, at its slot's centre cell (the calibration)
+    --objects patches   each object covers the cells the shapes world's 64 px render gives it (small or large at
+                        random): every 8x8 cell whose centre its bounding box covers, as the project's oracle codes
+                        (`data_recipes.cell_truth.cell_class_grid`), 1 to 9 cells depending on slot and size
 
-    .venv/bin/python bench/cell_lookup_paths.py --input projector [--steps 750] [--threads 1]
+    .venv/bin/python bench/cell_lookup_paths.py --input projector [--objects patches] [--steps 750] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,8 +47,25 @@ VOCAB = NO + 1
 SLOT_CELLS = [(r * 3 + 1) * 8 + (c * 3 + 1) for r in range(3) for c in range(3)]  # slot centres on 8x8
 
 
-def draw(count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` (sequence, answer) pairs."""
+def footprints() -> dict[tuple[int, str], list[int]]:
+    """(slot, size) -> the 8x8 cells an object there covers in the shapes world's 64 px render."""
+    from data_recipes.cell_truth import cell_class_grid
+    from data_recipes.shapes import SIZES, Scene, ShapeObject
+
+    out = {}
+    for slot in range(9):
+        for size in SIZES:
+            obj = ShapeObject(shape="circle", color="red", size=size, row=slot // 3, col=slot % 3)
+            grid = cell_class_grid(Scene(objects=[obj])).flatten()
+            out[(slot, size)] = torch.nonzero(grid).flatten().tolist()
+    return out
+
+
+FOOTPRINTS = footprints()
+
+
+def draw(count: int, g: torch.Generator, objects_as: str = "slot") -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` (sequence, answer) pairs; `objects_as` 'slot' (one cell per object) or 'patches' (its footprint)."""
 
     def rand(n: int) -> int:
         return int(torch.randint(n, (1,), generator=g))
@@ -56,7 +77,11 @@ def draw(count: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         objects = [(rand(COLORS), rand(SHAPES)) for _ in range(n)]
         cells = [0] * 64
         for (color, shape), slot in zip(objects, slots):
-            cells[SLOT_CELLS[slot]] = 1 + color * SHAPES + shape
+            if objects_as == "slot":
+                cells[SLOT_CELLS[slot]] = 1 + color * SHAPES + shape
+            else:
+                for cell in FOOTPRINTS[(slot, ("small", "large")[rand(2)])]:
+                    cells[cell] = 1 + color * SHAPES + shape
         kind, (color, shape) = rand(5), objects[rand(n)]
         first_with_shape = next(k for k in range(n) if objects[k][1] == shape)
         if kind == 0:
@@ -106,6 +131,7 @@ class LookupModel(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", choices=("learned", "projector"), default="projector")
+    parser.add_argument("--objects", choices=("slot", "patches"), default="slot")
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--position-rms", type=float, default=0.05)
@@ -120,10 +146,10 @@ def main() -> None:
         opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
     )
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    eval_x, eval_y = draw(1000, eval_g)
+    eval_x, eval_y = draw(1000, eval_g, args.objects)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, y = draw(32, train_g)
+        x, y = draw(32, train_g, args.objects)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()

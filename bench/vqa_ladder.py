@@ -7,6 +7,8 @@ in one thing each:
 
   oracle       one clean code per 8x8 cell (background, or the object covering it: color x shape x size), random
                frozen code embeddings: what the LLM learns when the image tokens are perfect
+               (`--oracle-cells centre`: only the cell under each object's centre holds it, one cell per object as
+               in the calibration; the rest is background)
   semantic     the DualToken semantic codes (the paper's understanding tokens)
   sem+pixel    semantic + pixel codes (`understanding_tokens: semantic+pixel`)
 
@@ -49,6 +51,18 @@ from train.data import llava_messages  # noqa: E402
 TYPES = ("color", "shape", "count", "position", "existence")
 
 
+def centre_cells(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
+    """(grid, grid) cell classes with each object on the one cell under its centre (as the calibration's tokens)."""
+    from data_recipes.cell_truth import object_class
+    from data_recipes.shapes import cell_center
+
+    out = torch.zeros(grid, grid, dtype=torch.long)
+    for obj in scene.objects:
+        x, y = cell_center(obj.row, obj.col, size)
+        out[int(y * grid / size), int(x * grid / size)] = object_class(obj)
+    return out
+
+
 def read_scenes(path: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {row["image_id"]: row for row in rows}
@@ -59,16 +73,20 @@ def dense_items(scene: Scene, rng: random.Random, turns: int) -> list[dict]:
     return distinct_vqa_items(scene, rng, 4 * turns)[:turns]
 
 
-def conversation(items: list[dict]) -> list[dict]:
-    """The training data's multi-turn VQA conversation of `items`, as processor messages."""
-    return llava_messages({"conversations": vqa_dialogue(items)})
+def conversation(items: list[dict], suffix: str = SHORT_ANSWER_SUFFIX) -> list[dict]:
+    """The training data's multi-turn VQA conversation of `items`, as processor messages (each question followed
+    by `suffix` instead of the training data's short-answer instruction)."""
+    messages = llava_messages({"conversations": vqa_dialogue(items)})
+    return [{**m, "content": m["content"].replace(SHORT_ANSWER_SUFFIX, suffix)} for m in messages]
 
 
 class CodeSource:
     """(pixel, semantic) code grids (h, w, D) per image id: oracle classes, or the DualToken tokenizer's codes."""
 
-    def __init__(self, rung: str, data: Path, tokenizer_dir: Path | None, depth: int):
-        self.rung, self.data, self.depth = rung, data, depth
+    def __init__(
+        self, rung: str, data: Path, tokenizer_dir: Path | None, depth: int, oracle_cells: str = "footprint"
+    ):
+        self.rung, self.data, self.depth, self.oracle_cells = rung, data, depth, oracle_cells
         self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.tokenizer = None
         if rung != "oracle":
@@ -81,7 +99,8 @@ class CodeSource:
         ids = [i for i in rows if (split, i) not in self.cache]
         if self.rung == "oracle":
             for i in ids:
-                grid = cell_class_grid(Scene.from_dict(rows[i]["scene"]))
+                scene = Scene.from_dict(rows[i]["scene"])
+                grid = cell_class_grid(scene) if self.oracle_cells == "footprint" else centre_cells(scene)
                 codes = torch.zeros(*grid.shape, self.depth, dtype=torch.long)
                 codes[..., 0] = grid
                 self.cache[(split, i)] = (codes, codes)
@@ -122,6 +141,33 @@ def build(args, source: CodeSource, text_tokenizer):
 
         def learned_cells(pixel_codes, semantic_codes):
             return table(semantic_codes[..., 0])
+
+        model.understanding_cell_embedding = learned_cells
+    elif args.cell_input == "learned-factored":
+        # Oracle rung: a learned vector per color + one per shape + one per size (background: its own vector), so
+        # a held-out color-shape pair is made of vectors that trained.
+        if args.rung != "oracle":
+            raise SystemExit("--cell-input learned-factored needs --rung oracle")
+        from data_recipes.cell_truth import NUM_CELL_CLASSES, class_attributes
+        from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES
+
+        parts = torch.zeros(NUM_CELL_CLASSES, 3, dtype=torch.long)  # class 0: index 0 of each table
+        for cls in range(1, NUM_CELL_CLASSES):
+            color, shape, size = class_attributes(cls)
+            parts[cls] = torch.tensor(
+                [1 + COLOR_NAMES.index(color), 1 + SHAPES.index(shape), 1 + SIZES.index(size)]
+            )
+        width = model.config.hidden_size
+        tables = torch.nn.ModuleList(
+            torch.nn.Embedding(1 + n, width) for n in (len(COLOR_NAMES), len(SHAPES), len(SIZES))
+        )
+        for table in tables:
+            torch.nn.init.normal_(table.weight, std=0.02)
+        model.learned_factor_tables = tables
+
+        def learned_cells(pixel_codes, semantic_codes):
+            p = parts.to(semantic_codes.device)[semantic_codes[..., 0]]
+            return sum(table(p[..., k]) for k, table in enumerate(tables))
 
         model.understanding_cell_embedding = learned_cells
     elif args.cell_input == "learned-depths":
@@ -179,18 +225,19 @@ def evaluate(
     answers: dict,
     batch: int = 64,
     transcript: list | None = None,
+    heldout: set[int] = frozenset(),
+    suffix: str = SHORT_ANSWER_SUFFIX,
 ) -> dict:
     """Per-type accuracy (color and shape also split by how the object is named: by its place or by an
-    attribute); `transcript` collects [question, answer, reply] rows when given."""
+    attribute; and overall on scenes with and without a held-out color-shape pair, image ids `heldout`);
+    `transcript` collects [question, answer, reply] rows when given."""
     from mllm.generation import GenerationSettings, generate_chat
 
     settings = GenerationSettings.tiny(max_new_tokens=6, temperature=0.0, allow_image_output=False)
     correct: dict[str, list[int]] = defaultdict(list)
     for start in range(0, len(questions), batch):
         chunk = questions[start : start + batch]
-        convs = [
-            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in chunk
-        ]
+        convs = [[{"role": "user", "content": "<image>\n" + q["question"] + suffix}] for q in chunk]
         images = [[source.get("test", q["image_id"])] for q in chunk]
         replies = generate_chat(model, processor, convs, images, settings)
         for q, reply in zip(chunk, replies):
@@ -199,6 +246,7 @@ def evaluate(
             if transcript is not None:
                 transcript.append([q["question"], truth["multiple_choice_answer"], reply.text])
             correct[truth["question_type"]].append(hit)
+            correct["held-out scenes" if q["image_id"] in heldout else "seen scenes"].append(hit)
             if truth["question_type"] in ("color", "shape"):
                 by_place = any(phrase in q["question"] for phrase in POSITION_PHRASES.values())
                 correct[f"{truth['question_type']} by {'place' if by_place else 'attribute'}"].append(hit)
@@ -223,11 +271,29 @@ def main(argv=None) -> dict:
     )
     p.add_argument(
         "--cell-input",
-        choices=("projector", "learned", "learned-depths", "learned-pixel-depths", "trainable-codes"),
+        choices=(
+            "projector",
+            "learned",
+            "learned-factored",
+            "learned-depths",
+            "learned-pixel-depths",
+            "trainable-codes",
+        ),
         default="projector",
         help="projector: frozen code embeddings -> code MLP (the model's path); learned: a trainable vector per "
-        "depth-0 code; learned-depths: one per code at every depth, summed; learned-pixel-depths: the projector path "
+        "depth-0 code; learned-factored (oracle): one per color + shape + size, summed; learned-depths: one per code at every depth, summed; learned-pixel-depths: the projector path "
         "plus one learned vector per pixel code at every depth, summed (sem+pixel rung); trainable-codes: the projector path over a trainable copy of the semantic code table",
+    )
+    p.add_argument(
+        "--oracle-cells",
+        choices=("footprint", "centre"),
+        default="footprint",
+        help="oracle rung: an object on every cell it covers, or on the one cell under its centre",
+    )
+    p.add_argument(
+        "--no-suffix",
+        action="store_true",
+        help="questions without the short-answer instruction after them (train and test)",
     )
     p.add_argument("--eval-questions", type=int, default=600)
     add_training_args(p, steps=600, batch=16, warmup=100)
@@ -252,7 +318,9 @@ def main(argv=None) -> dict:
     }
     pick = random.Random(args.seed).sample(range(len(questions)), min(args.eval_questions, len(questions)))
     questions = [questions[i] for i in sorted(pick)]
-    source = CodeSource(args.rung, args.data, args.tokenizer, depth=4)
+    heldout = {i for i, row in test_rows.items() if row.get("heldout")}
+    suffix = "" if args.no_suffix else SHORT_ANSWER_SUFFIX
+    source = CodeSource(args.rung, args.data, args.tokenizer, depth=4, oracle_cells=args.oracle_cells)
     t0 = time.perf_counter()
     source.prefetch("train", train_rows)
     source.prefetch("test", {q["image_id"]: test_rows[q["image_id"]] for q in questions})
@@ -269,7 +337,9 @@ def main(argv=None) -> dict:
         for _ in range(args.batch):
             image_id = rng.choice(ids)
             items = dense_items(Scene.from_dict(train_rows[image_id]["scene"]), rng, args.turns)
-            examples.append(processor.training_example(conversation(items), [source.get("train", image_id)]))
+            examples.append(
+                processor.training_example(conversation(items, suffix), [source.get("train", image_id)])
+            )
         batch = processor.collate(examples)
         loss = model(**batch).loss
         optimizer_step(model, opt, sched, loss)
@@ -277,15 +347,22 @@ def main(argv=None) -> dict:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             model.eval()
-            curve.append({"step": step, **evaluate(model, processor, source, questions, answers)})
+            curve.append(
+                {
+                    "step": step,
+                    **evaluate(model, processor, source, questions, answers, heldout=heldout, suffix=suffix),
+                }
+            )
             model.train()
             print(json.dumps(curve[-1]), flush=True)
     train_s = time.perf_counter() - t0
     model.eval()
     transcript: list = []
-    result = evaluate(model, processor, source, questions, answers, transcript=transcript)
+    result = evaluate(
+        model, processor, source, questions, answers, transcript=transcript, heldout=heldout, suffix=suffix
+    )
     row = {
-        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "steps": args.steps, "batch": args.batch,
+        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
         **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip

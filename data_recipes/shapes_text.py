@@ -325,8 +325,19 @@ def distinct_vqa_items(
             if item["question"] not in seen:
                 seen.add(item["question"])
                 items.append(item)
-    rng.shuffle(items)
-    return items
+    # 'No' questions name any absent pair and rarely repeat, 'yes' questions only the scene's own objects: keep as
+    # many 'no' as 'yes' answers (one for a scene that allows no 'yes'), or a model learns to answer 'no'.
+    yes = sum(item["question_type"] == "existence" and item["answer"] == "yes" for item in items)
+    kept_no = 0
+    balanced = []
+    for item in items:
+        if item["question_type"] == "existence" and item["answer"] == "no":
+            if kept_no >= max(1, yes):
+                continue
+            kept_no += 1
+        balanced.append(item)
+    rng.shuffle(balanced)
+    return balanced
 
 
 # ---------------------------------------------------------------------------------------------------- chats

@@ -202,7 +202,7 @@ def register(subparsers) -> None:
     demo.add_argument("--size", type=int, default=DemoSettings.image_size, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=DemoSettings.seed)
     budget = demo.add_argument_group(
-        "budget (defaults: what `make demo` runs in about 17 minutes on 2 cores)"
+        "budget (defaults: what `make demo` runs in about 28 minutes on 2 cores)"
     )
     budget.add_argument("--teacher-steps", type=int)
     budget.add_argument("--tokenizer-steps", type=int)

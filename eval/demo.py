@@ -22,7 +22,7 @@ from data_recipes.atomic_io import atomic_write_json
 
 @dataclass
 class DemoSettings:
-    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (about 17 minutes measured)."""
+    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (about 28 minutes measured)."""
 
     scenes: int = 12000
     image_size: int = 64

@@ -26,6 +26,7 @@ from data_recipes.shapes_text import (
     captions,
     chat,
     class_labels,
+    distinct_vqa_items,
     vqa_items,
 )
 
@@ -101,6 +102,24 @@ def test_vqa_answers_are_correct_for_every_question_type():
         ("position", "other"),
         ("existence", "yes/no"),
     }
+
+
+def test_dense_vqa_keeps_existence_answers_balanced():
+    """'No' questions name any absent pair and rarely repeat, 'yes' questions only the scene's objects: the distinct
+    questions of several rounds must still hold as many 'no' as 'yes' answers (else a model learns to say 'no')."""
+    rng = random.Random(3)
+    answers = {"yes": 0, "no": 0}
+    for _ in range(300):
+        scene = sample_scene(rng)
+        items = distinct_vqa_items(scene, rng, 4)
+        existence = [i["answer"] for i in items if i["question_type"] == "existence"]
+        assert 1 <= existence.count("no") <= max(1, existence.count("yes"))
+        assert len({i["question"] for i in items}) == len(items)
+        for item in items:
+            assert item["answer"] == _expected_answer(item["question"], scene), item
+        for answer in existence:
+            answers[answer] += 1
+    assert answers["yes"] > 500 and 0.9 * answers["yes"] <= answers["no"] <= answers["yes"]
 
 
 def test_no_questions_name_only_allowed_pairs():

@@ -117,13 +117,14 @@ def test_out_dir_that_is_not_a_teacher_is_refused(dataset, tmp_path):
 def test_cli_trains_a_teacher_and_a_text_tokenizer(dataset, tmp_path, capsys):
     code = main(
         ["tokenizer", "teacher", "--data", str(dataset), "--out", str(tmp_path / "t"), "--steps", "2"]
-        + ["--batch-size", "8", "--threads", "1", "--quiet"]
+        + ["--batch-size", "8", "--threads", "1", "--quiet", "--image-size", "48", "--patch-size", "16"]
     )
     assert code == 0
     printed = capsys.readouterr().out
     assert "zero-shot on test" in printed and "heldout" in printed
     assert json.loads((tmp_path / "t" / "zero_shot_test.json").read_text())["split"] == "test"
-    SiglipModel.from_pretrained(tmp_path / "t")
+    vision = SiglipModel.from_pretrained(tmp_path / "t").config.vision_config
+    assert (vision.image_size, vision.patch_size) == (48, 16)  # one token per layout slot of the 3x3 world
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -74,6 +74,19 @@ def register_teacher(tok_sub) -> None:
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
+        "--image-size",
+        dest="image_size",
+        type=int,
+        help="image side in pixels (default: TeacherSettings.image_size)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        dest="patch_size",
+        type=int,
+        help="patch side in pixels (default: TeacherSettings.patch_size; 16 at --image-size 48 gives one token per "
+        "layout slot of the shapes world)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         dest="checkpoint_every",
         type=int,
