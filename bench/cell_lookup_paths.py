@@ -16,6 +16,24 @@ warm-up then cosine, batch 32; accuracy per kind on 1,000 fresh questions every 
                         random): every 8x8 cell whose centre its bounding box covers, as the project's oracle codes
                         (`data_recipes.cell_truth.cell_class_grid`), 1 to 9 cells depending on slot and size
 
+The bisection toward the project's own VQA (learned cell tokens, one per cell class of color x shape x size):
+
+    --questions project   fresh `sample_scene` scenes and the project's questions (`distinct_vqa_items`: objects
+                          named by place or attribute, answers as words), tokenized by the project's text
+                          tokenizer; loss on the answer tokens (and the turn end); a question is right when every
+                          answer token is the argmax (teacher forcing, which is what greedy decoding emits)
+    --template bare       cells, then the question, then the answer: no chat template
+    --template chat       the processor's chat template (`<|im_start|>user ... <boi> cells <eoi> question`)
+    --filler N            (calibration questions) N fixed tokens after the question, so that the answer is read
+                          off a token that is not the query itself, as after a chat template's assistant header
+    --question-first      (calibration questions) the question before the cells instead of after them
+    --echo                (calibration questions) the answer turn first repeats the query's two tokens, with
+                          loss on them too, then answers: the copy is supervised on its own, and the answer is
+                          read right after the query as without a filler (scored greedily, echo included)
+    --template bare-question-first  the question, then the cells, then `<eoi>`, then the answer
+    --question-loss       (bare template) next-token loss on the question's tokens too, not only the answer's
+    --template chat-suffix  the same plus LLaVA's short-answer instruction after the question (the training data)
+
     .venv/bin/python bench/cell_lookup_paths.py --input projector [--objects patches] [--steps 750] [--threads 1]
 """
 
@@ -43,7 +61,10 @@ COLOR0 = KIND0 + len(KINDS)
 SHAPE0, DIGIT0 = COLOR0 + COLORS, COLOR0 + COLORS + SHAPES
 SLOT0 = DIGIT0 + 5
 YES, NO = SLOT0 + 9, SLOT0 + 10
-VOCAB = NO + 1
+FILLER = (
+    NO + 1
+)  # a fixed token after the question (--filler): the answer is then read off a token that is not the query
+VOCAB = FILLER + 1
 SLOT_CELLS = [(r * 3 + 1) * 8 + (c * 3 + 1) for r in range(3) for c in range(3)]  # slot centres on 8x8
 
 
@@ -64,8 +85,11 @@ def footprints() -> dict[tuple[int, str], list[int]]:
 FOOTPRINTS = footprints()
 
 
-def draw(count: int, g: torch.Generator, objects_as: str = "slot") -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` (sequence, answer) pairs; `objects_as` 'slot' (one cell per object) or 'patches' (its footprint)."""
+def draw(
+    count: int, g: torch.Generator, objects_as: str = "slot", filler: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` (sequence, answer) pairs; `objects_as` 'slot' (one cell per object) or 'patches' (its footprint);
+    `filler` fixed tokens after each question."""
 
     def rand(n: int) -> int:
         return int(torch.randint(n, (1,), generator=g))
@@ -97,14 +121,15 @@ def draw(count: int, g: torch.Generator, objects_as: str = "slot") -> tuple[torc
             if rand(2):
                 color, shape = rand(COLORS), rand(SHAPES)
             query, answer = [COLOR0 + color, SHAPE0 + shape], YES if (color, shape) in objects else NO
-        rows.append(cells + [KIND0 + kind] + query)
+        rows.append(cells + [KIND0 + kind] + query + [FILLER] * filler)
         answers.append(answer)
     return torch.tensor(rows), torch.tensor(answers)
 
 
 class LookupModel(nn.Module):
-    def __init__(self, cell_input: str, position_rms: float):
+    def __init__(self, cell_input: str, position_rms: float, question_first: bool = False):
         super().__init__()
+        self.question_first = question_first
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         config = tiny_text_config(vocab_size=VOCAB)
@@ -124,8 +149,158 @@ class LookupModel(nn.Module):
         else:  # depth-0 code = cell id + 1, three more depths at code 0, as the ladder's oracle rung
             cells = self.projector(self.codes[x[:, :64] + 1] + 3 * self.codes[0])
             cells = self.norm(cells - cells.mean(dim=1, keepdim=True)) + self.position
-        hidden = torch.cat([cells, embed(x[:, 64:])], dim=1)
-        return self.llm(inputs_embeds=hidden).logits[:, -1]
+        if self.question_first:  # kind + 2 query tokens, then the cells, then any filler
+            hidden = torch.cat([embed(x[:, 64:67]), cells, embed(x[:, 67:])], dim=1)
+        else:
+            hidden = torch.cat([cells, embed(x[:, 64:])], dim=1)
+        return self.llm(inputs_embeds=hidden).logits[:, -3:]
+
+
+class ProjectText:
+    """The project's questions about fresh scenes, tokenized by the demo's text tokenizer, one template."""
+
+    def __init__(
+        self,
+        text_tokenizer: Path,
+        template: str,
+        objects_as: str,
+        question_loss: bool = False,
+        echo: bool = False,
+    ):
+        from transformers import AutoTokenizer
+
+        from mllm.presets import build
+
+        self.tok = AutoTokenizer.from_pretrained(text_tokenizer)
+        self.template, self.objects_as, self.question_loss = template, objects_as, question_loss
+        self.echo = echo
+        _, self.processor = build("tiny", self.tok, None)
+        self.img = self.processor.ids["img_token_id"]
+        self.vocab = len(self.tok)
+
+    def cells(self, scene) -> list[int]:
+        from data_recipes.cell_truth import cell_class_grid, object_class
+        from data_recipes.shapes import cell_center
+
+        if self.objects_as == "patches":
+            return cell_class_grid(scene).flatten().tolist()
+        out = [0] * 64
+        for obj in scene.objects:
+            x, y = cell_center(obj.row, obj.col, 64)
+            out[int(y / 8) * 8 + int(x / 8)] = object_class(obj)
+        return out
+
+    def example(self, scene, item: dict) -> tuple[list[int], list[int], list[int]]:
+        """(ids with the image's cells as `img` ids, labels (-100 = no loss), the 64 cell classes)."""
+        from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, echoed_answer
+
+        cells = self.cells(scene)
+        if self.echo:
+            item = {**item, "answer": echoed_answer(item["question"], item["answer"])}
+        if self.template.startswith("bare"):
+            question = self.tok.encode(item["question"], add_special_tokens=False)
+            answer = self.tok.encode(" " + item["answer"], add_special_tokens=False) + [self.tok.eos_token_id]
+            if self.template == "bare-question-first":
+                ids = question + [self.img] * 64 + [self.processor.ids["eoi_token_id"]] + answer
+                return ids, [-100] * (len(ids) - len(answer)) + answer, cells
+            ids = [self.img] * 64 + question + answer
+            asked = question if self.question_loss else [-100] * len(question)
+            return ids, [-100] * 64 + asked + answer, cells
+        suffix = SHORT_ANSWER_SUFFIX if self.template == "chat-suffix" else ""
+        messages = [
+            {"role": "user", "content": "<image>\n" + item["question"] + suffix},
+            {"role": "assistant", "content": item["answer"]},
+        ]
+        codes = torch.zeros(8, 8, 4, dtype=torch.long)
+        ex = self.processor.training_example(messages, [(codes, codes)])
+        return ex.input_ids, ex.labels, cells
+
+    def draw(
+        self, count: int, rng
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        from data_recipes.shapes import sample_scene
+        from data_recipes.shapes_text import distinct_vqa_items
+
+        rows = []
+        for _ in range(count):
+            scene = sample_scene(rng)
+            item = distinct_vqa_items(scene, rng, 4)[0]
+            rows.append((*self.example(scene, item), item["question_type"]))
+        width = max(len(r[0]) for r in rows)
+        ids = torch.full((count, width), int(self.tok.pad_token_id or 0))
+        labels = torch.full((count, width), -100)
+        mask = torch.zeros(count, width, dtype=torch.long)
+        for k, (row_ids, row_labels, _, _) in enumerate(rows):
+            ids[k, : len(row_ids)] = torch.tensor(row_ids)
+            labels[k, : len(row_labels)] = torch.tensor(row_labels)
+            mask[k, : len(row_ids)] = 1
+        cells = torch.tensor([r[2] for r in rows])
+        return ids, labels, mask, cells, [r[3] for r in rows]
+
+
+class ProjectTextModel(nn.Module):
+    """The tiny Qwen2 over the project's text; image cells are learned vectors per cell class."""
+
+    def __init__(self, vocab: int, img: int):
+        super().__init__()
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from data_recipes.cell_truth import NUM_CELL_CLASSES
+
+        config = tiny_text_config(vocab_size=vocab)
+        config.pop("model_type")
+        self.llm = Qwen2ForCausalLM(Qwen2Config(**config))
+        self.cells = nn.Embedding(NUM_CELL_CLASSES, config["hidden_size"])
+        nn.init.normal_(self.cells.weight, std=0.02)
+        self.img = img
+
+    def forward(self, ids, mask, cells) -> torch.Tensor:
+        hidden = self.llm.get_input_embeddings()(ids).clone()
+        hidden[ids == self.img] = self.cells(cells).flatten(0, 1).to(hidden.dtype)
+        return self.llm(inputs_embeds=hidden, attention_mask=mask).logits
+
+
+def run_project(args) -> None:
+    import random
+
+    if args.question_loss and args.template != "bare":
+        raise SystemExit("--question-loss runs with --template bare")
+    text = ProjectText(args.text_tokenizer, args.template, args.objects, args.question_loss, args.echo)
+    model = ProjectTextModel(text.vocab, text.img)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
+    )
+    train_rng, eval_rng = random.Random(1), random.Random(2)
+    text.question_loss = False  # scored on the answer tokens only
+    held = text.draw(1000, eval_rng)
+    text.question_loss = args.question_loss
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        ids, labels, mask, cells, _ = text.draw(32, train_rng)
+        logits = model(ids, mask, cells)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == args.steps:
+            ids, labels, mask, cells, kinds = held
+            with torch.no_grad():
+                predicted = model(ids, mask, cells)[:, :-1].argmax(-1)
+            target = labels[:, 1:]
+            right = ((predicted == target) | (target == -100)).all(dim=1).tolist()
+            per = {
+                k: 100 * sum(r for r, q in zip(right, kinds) if q == k) / max(1, kinds.count(k))
+                for k in KINDS
+            }
+            print(
+                f"step {step} loss {loss.item():.3f} "
+                + " ".join(f"{k} {v:.0f}" for k, v in per.items())
+                + f" overall {100 * sum(right) / len(right):.1f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -135,22 +310,60 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--position-rms", type=float, default=0.05)
+    parser.add_argument(
+        "--filler",
+        type=int,
+        default=0,
+        help="calibration questions: fixed tokens between question and answer",
+    )
+    parser.add_argument(
+        "--question-first", action="store_true", help="calibration questions: the question before the cells"
+    )
+    parser.add_argument(
+        "--echo",
+        action="store_true",
+        help="the answer turn repeats the query first (project questions: "
+        "`shapes_text.echoed_answer`, 'cross red'; scored on every answer token, echo included)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--questions", choices=("calibration", "project"), default="calibration")
+    parser.add_argument(
+        "--template", choices=("bare", "bare-question-first", "chat", "chat-suffix"), default="chat-suffix"
+    )
+    parser.add_argument(
+        "--question-loss",
+        action="store_true",
+        help="project questions, bare template: loss on the question too",
+    )
+    parser.add_argument("--text-tokenizer", type=Path, default=Path("runs/demo/text_tokenizer"))
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1:
         parser.error("--steps and --threads must be >= 1")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = LookupModel(args.input, args.position_rms)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    if args.questions == "project":
+        if args.input != "learned":
+            parser.error("--questions project runs with --input learned")
+        if not args.text_tokenizer.exists():
+            parser.error(f"--text-tokenizer {args.text_tokenizer} does not exist (run `make demo` first)")
+        run_project(args)
+        return
+    model = LookupModel(args.input, args.position_rms, args.question_first)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
     )
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
-    eval_x, eval_y = draw(1000, eval_g, args.objects)
+    eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, y = draw(32, train_g, args.objects)
-        loss = F.cross_entropy(model(x), y)
+        x, y = draw(32, train_g, args.objects, args.filler)
+        if args.echo:  # the answer turn starts by repeating the query (2 tokens), then gives the answer
+            query = x[:, 65:67]
+            logits = model(torch.cat([x, query], dim=1))
+            loss = F.cross_entropy(logits.flatten(0, 1), torch.cat([query, y[:, None]], dim=1).flatten())
+        else:
+            loss = F.cross_entropy(model(x)[:, -1], y)
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,7 +371,13 @@ def main() -> None:
         sched.step()
         if step % 250 == 0 or step == args.steps:
             with torch.no_grad():
-                predicted = model(eval_x).argmax(-1)
+                if args.echo:  # greedy: the model writes the echo itself, then the answer
+                    x = eval_x
+                    for _ in range(2):
+                        x = torch.cat([x, model(x)[:, -1:].argmax(-1)], dim=1)
+                    predicted = model(x)[:, -1].argmax(-1)
+                else:
+                    predicted = model(eval_x)[:, -1].argmax(-1)
             kinds = eval_x[:, 64] - KIND0
             per = {
                 k: float((predicted[kinds == i] == eval_y[kinds == i]).float().mean())

@@ -44,7 +44,14 @@ from ladder_training import (  # noqa: E402
 
 from data_recipes.cell_truth import cell_class_grid  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
-from data_recipes.shapes_text import POSITION_PHRASES, SHORT_ANSWER_SUFFIX, distinct_vqa_items, vqa_dialogue  # noqa: E402
+from data_recipes.shapes_text import (  # noqa: E402
+    POSITION_PHRASES,
+    SHORT_ANSWER_SUFFIX,
+    distinct_vqa_items,
+    echoed_answer,
+    strip_reference,
+    vqa_dialogue,
+)
 from eval.vqa_accuracy import normalize_answer  # noqa: E402
 from train.data import llava_messages  # noqa: E402
 
@@ -73,9 +80,12 @@ def dense_items(scene: Scene, rng: random.Random, turns: int) -> list[dict]:
     return distinct_vqa_items(scene, rng, 4 * turns)[:turns]
 
 
-def conversation(items: list[dict], suffix: str = SHORT_ANSWER_SUFFIX) -> list[dict]:
+def conversation(items: list[dict], suffix: str = SHORT_ANSWER_SUFFIX, echo: bool = False) -> list[dict]:
     """The training data's multi-turn VQA conversation of `items`, as processor messages (each question followed
-    by `suffix` instead of the training data's short-answer instruction)."""
+    by `suffix` instead of the training data's short-answer instruction; `echo`: answers written after the
+    question's reference words, `shapes_text.echoed_answer`)."""
+    if echo:
+        items = [{**item, "answer": echoed_answer(item["question"], item["answer"])} for item in items]
     messages = llava_messages({"conversations": vqa_dialogue(items)})
     return [{**m, "content": m["content"].replace(SHORT_ANSWER_SUFFIX, suffix)} for m in messages]
 
@@ -227,13 +237,16 @@ def evaluate(
     transcript: list | None = None,
     heldout: set[int] = frozenset(),
     suffix: str = SHORT_ANSWER_SUFFIX,
+    echo: bool = False,
 ) -> dict:
     """Per-type accuracy (color and shape also split by how the object is named: by its place or by an
     attribute; and overall on scenes with and without a held-out color-shape pair, image ids `heldout`);
     `transcript` collects [question, answer, reply] rows when given."""
     from mllm.generation import GenerationSettings, generate_chat
 
-    settings = GenerationSettings.tiny(max_new_tokens=6, temperature=0.0, allow_image_output=False)
+    settings = GenerationSettings.tiny(
+        max_new_tokens=10 if echo else 6, temperature=0.0, allow_image_output=False
+    )
     correct: dict[str, list[int]] = defaultdict(list)
     for start in range(0, len(questions), batch):
         chunk = questions[start : start + batch]
@@ -242,7 +255,8 @@ def evaluate(
         replies = generate_chat(model, processor, convs, images, settings)
         for q, reply in zip(chunk, replies):
             truth = answers[q["question_id"]]
-            hit = int(normalize_answer(reply.text) == normalize_answer(truth["multiple_choice_answer"]))
+            text = strip_reference(q["question"], reply.text) if echo else reply.text
+            hit = int(normalize_answer(text) == normalize_answer(truth["multiple_choice_answer"]))
             if transcript is not None:
                 transcript.append([q["question"], truth["multiple_choice_answer"], reply.text])
             correct[truth["question_type"]].append(hit)
@@ -295,6 +309,11 @@ def main(argv=None) -> dict:
         action="store_true",
         help="questions without the short-answer instruction after them (train and test)",
     )
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="answers written after the question's reference words ('cross red'; scored on the part after them)",
+    )
     p.add_argument("--eval-questions", type=int, default=600)
     add_training_args(p, steps=600, batch=16, warmup=100)
     args = p.parse_args(argv)
@@ -338,7 +357,9 @@ def main(argv=None) -> dict:
             image_id = rng.choice(ids)
             items = dense_items(Scene.from_dict(train_rows[image_id]["scene"]), rng, args.turns)
             examples.append(
-                processor.training_example(conversation(items, suffix), [source.get("train", image_id)])
+                processor.training_example(
+                    conversation(items, suffix, args.echo), [source.get("train", image_id)]
+                )
             )
         batch = processor.collate(examples)
         loss = model(**batch).loss
@@ -350,7 +371,16 @@ def main(argv=None) -> dict:
             curve.append(
                 {
                     "step": step,
-                    **evaluate(model, processor, source, questions, answers, heldout=heldout, suffix=suffix),
+                    **evaluate(
+                        model,
+                        processor,
+                        source,
+                        questions,
+                        answers,
+                        heldout=heldout,
+                        suffix=suffix,
+                        echo=args.echo,
+                    ),
                 }
             )
             model.train()
@@ -359,10 +389,18 @@ def main(argv=None) -> dict:
     model.eval()
     transcript: list = []
     result = evaluate(
-        model, processor, source, questions, answers, transcript=transcript, heldout=heldout, suffix=suffix
+        model,
+        processor,
+        source,
+        questions,
+        answers,
+        transcript=transcript,
+        heldout=heldout,
+        suffix=suffix,
+        echo=args.echo,
     )
     row = {
-        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "steps": args.steps, "batch": args.batch,
+        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "echo": args.echo, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
         **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip

@@ -287,6 +287,36 @@ def existence_item(
     return _item(f"Is there {phrase}?", "no", "existence", f"no, there is no {color} {shape}")
 
 
+_REFERENCE_FILLERS = frozenset(
+    "what color is the shape object shapes in at on corner where how many are there a an ? of".split()
+)
+
+
+def question_reference(question: str) -> str:
+    """The words of a shapes-world VQA question that pick its object(s): 'What color is the cross?' -> 'cross',
+    'What shape is in the top left corner?' -> 'top left', 'Is there a blue square?' -> 'blue square',
+    'How many shapes are there?' -> 'shapes'. An echoed answer ("cross red") repeats them before the answer."""
+    words = question.lower().replace("?", " ?").split()
+    kept = [w for w in words if w not in _REFERENCE_FILLERS]
+    return " ".join(kept) or "shapes"
+
+
+def echoed_answer(question: str, answer: str) -> str:
+    """The answer written after the question's reference words ('cross red'), so that a small model reads the
+    answer right after the words that say which object to look at."""
+    return f"{question_reference(question)} {answer}"
+
+
+def strip_reference(question: str, reply: str) -> str:
+    """The answer part of an echoed reply: the reply without the question's reference words in front (a reply
+    that does not start with them is returned whole, and so scored as it is)."""
+    reference = question_reference(question)
+    text = reply.strip()
+    if text.lower().startswith(reference + " "):
+        return text[len(reference) + 1 :].strip()
+    return text
+
+
 def vqa_items(
     scene: Scene, rng: random.Random, allowed_pairs: Collection[tuple[str, str]] | None = None
 ) -> list[dict[str, str]]:

@@ -27,6 +27,9 @@ from data_recipes.shapes_text import (
     chat,
     class_labels,
     distinct_vqa_items,
+    echoed_answer,
+    question_reference,
+    strip_reference,
     vqa_items,
 )
 
@@ -120,6 +123,42 @@ def test_dense_vqa_keeps_existence_answers_balanced():
         for answer in existence:
             answers[answer] += 1
     assert answers["yes"] > 500 and 0.9 * answers["yes"] <= answers["no"] <= answers["yes"]
+
+
+@pytest.mark.parametrize(
+    "question, reference",
+    [
+        ("What color is the cross?", "cross"),
+        ("What color is the shape in the top left corner?", "top left"),
+        ("What shape is at the bottom?", "bottom"),
+        ("What shape is the red object?", "red"),
+        ("How many shapes are there?", "shapes"),
+        ("How many crosses are there?", "crosses"),
+        ("How many cyan shapes are there?", "cyan"),
+        ("Where is the blue cross?", "blue cross"),
+        ("Is there an orange diamond?", "orange diamond"),
+    ],
+)
+def test_question_reference_keeps_the_words_that_pick_the_object(question, reference):
+    assert question_reference(question) == reference
+
+
+def test_echoed_answers_put_the_reference_before_the_answer_and_strip_back():
+    """Every question type of `vqa_items`: the echoed answer names the asked object (its attribute or place) right
+    before the answer, and stripping the reference gives the short answer back; a reply that does not start with
+    the reference is scored whole."""
+    rng = random.Random(5)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        for item in vqa_items(scene, rng):
+            echoed = echoed_answer(item["question"], item["answer"])
+            reference = question_reference(item["question"])
+            assert echoed.endswith(" " + item["answer"]) and echoed.startswith(reference)
+            assert set(reference.split()) <= set(item["question"].lower().rstrip("?").split())
+            assert strip_reference(item["question"], echoed) == item["answer"]
+            assert strip_reference(item["question"], " " + echoed.upper() + " ") == item["answer"].upper()
+    assert strip_reference("What color is the cross?", "circle red") == "circle red"
+    assert strip_reference("What color is the cross?", "crosses red") == "crosses red"
 
 
 def test_no_questions_name_only_allowed_pairs():
