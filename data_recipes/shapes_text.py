@@ -288,17 +288,18 @@ def existence_item(
 
 
 _REFERENCE_FILLERS = frozenset(
-    "what color is the shape object shapes in at on corner where how many are there a an ? of".split()
+    "what color is the shape in at on corner where how many are there a an ?".split()
 )
 
 
 def question_reference(question: str) -> str:
     """The words of a shapes-world VQA question that pick its object(s): 'What color is the cross?' -> 'cross',
     'What shape is in the top left corner?' -> 'top left', 'Is there a blue square?' -> 'blue square',
-    'How many shapes are there?' -> 'shapes'. An echoed answer ("cross red") repeats them before the answer."""
+    'What shape is the red object?' -> 'red object', 'How many red shapes are there?' -> 'red shapes'. An echoed
+    answer ("cross red") repeats them before the answer. The nouns 'object' and 'shapes' stay, so that an echo
+    that names a color is followed by the question's word, never by a shape the model must read off the image."""
     words = question.lower().replace("?", " ?").split()
-    kept = [w for w in words if w not in _REFERENCE_FILLERS]
-    return " ".join(kept) or "shapes"
+    return " ".join(w for w in words if w not in _REFERENCE_FILLERS)
 
 
 def echoed_answer(question: str, answer: str) -> str:
