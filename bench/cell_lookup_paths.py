@@ -126,6 +126,24 @@ def draw(
     return torch.tensor(rows), torch.tensor(answers)
 
 
+def calibration_optimizer(model: nn.Module, lr: float, steps: int):
+    """The calibration's AdamW (betas 0.9/0.98, weight decay 0.01) with a 200-step warm-up, then cosine decay."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+    )
+    return opt, sched
+
+
+def update(model: nn.Module, opt, sched, loss: torch.Tensor) -> None:
+    """One step: backward, gradient clipping at norm 1.0, optimizer and schedule."""
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 class LookupModel(nn.Module):
     def __init__(self, cell_input: str, position_rms: float, question_first: bool = False):
         super().__init__()
@@ -267,10 +285,7 @@ def run_project(args) -> None:
         raise SystemExit("--question-loss runs with --template bare")
     text = ProjectText(args.text_tokenizer, args.template, args.objects, args.question_loss, args.echo)
     model = ProjectTextModel(text.vocab, text.img)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
-    )
+    opt, sched = calibration_optimizer(model, args.lr, args.steps)
     train_rng, eval_rng = random.Random(1), random.Random(2)
     text.question_loss = False  # scored on the answer tokens only
     held = text.draw(1000, eval_rng)
@@ -280,11 +295,7 @@ def run_project(args) -> None:
         ids, labels, mask, cells, _ = text.draw(32, train_rng)
         logits = model(ids, mask, cells)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(model, opt, sched, loss)
         if step % 250 == 0 or step == args.steps:
             ids, labels, mask, cells, kinds = held
             with torch.no_grad():
@@ -349,10 +360,7 @@ def main() -> None:
         run_project(args)
         return
     model = LookupModel(args.input, args.position_rms, args.question_first)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, args.steps) / args.steps))
-    )
+    opt, sched = calibration_optimizer(model, args.lr, args.steps)
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)
     start = time.perf_counter()
@@ -364,11 +372,7 @@ def main() -> None:
             loss = F.cross_entropy(logits.flatten(0, 1), torch.cat([query, y[:, None]], dim=1).flatten())
         else:
             loss = F.cross_entropy(model(x)[:, -1], y)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        update(model, opt, sched, loss)
         if step % 250 == 0 or step == args.steps:
             with torch.no_grad():
                 if args.echo:  # greedy: the model writes the echo itself, then the answer
