@@ -40,7 +40,6 @@ The bisection toward the project's own VQA (learned cell tokens, one per cell cl
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ladder_training import optimizer_and_schedule, optimizer_step  # noqa: E402
 
 from mllm.cell_embedding import CodeMLP, grid_sincos  # noqa: E402
 from mllm.presets import tiny_text_config  # noqa: E402
@@ -126,24 +127,6 @@ def draw(
     return torch.tensor(rows), torch.tensor(answers)
 
 
-def calibration_optimizer(model: nn.Module, lr: float, steps: int):
-    """The calibration's AdamW (betas 0.9/0.98, weight decay 0.01) with a 200-step warm-up, then cosine decay."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1, (t + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
-    )
-    return opt, sched
-
-
-def update(model: nn.Module, opt, sched, loss: torch.Tensor) -> None:
-    """One step: backward, gradient clipping at norm 1.0, optimizer and schedule."""
-    opt.zero_grad()
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-
-
 class LookupModel(nn.Module):
     def __init__(self, cell_input: str, position_rms: float, question_first: bool = False):
         super().__init__()
@@ -177,38 +160,24 @@ class LookupModel(nn.Module):
 class ProjectText:
     """The project's questions about fresh scenes, tokenized by the demo's text tokenizer, one template."""
 
-    def __init__(
-        self,
-        text_tokenizer: Path,
-        template: str,
-        objects_as: str,
-        question_loss: bool = False,
-        echo: bool = False,
-    ):
+    def __init__(self, text_tokenizer: Path, template: str, objects_as: str, echo: bool = False):
         from transformers import AutoTokenizer
 
         from mllm.presets import build
 
         self.tok = AutoTokenizer.from_pretrained(text_tokenizer)
-        self.template, self.objects_as, self.question_loss = template, objects_as, question_loss
-        self.echo = echo
+        self.template, self.objects_as, self.echo = template, objects_as, echo
         _, self.processor = build("tiny", self.tok, None)
         self.img = self.processor.ids["img_token_id"]
         self.vocab = len(self.tok)
 
     def cells(self, scene) -> list[int]:
-        from data_recipes.cell_truth import cell_class_grid, object_class
-        from data_recipes.shapes import cell_center
+        from data_recipes.cell_truth import cell_class_grid, centre_cell_grid
 
-        if self.objects_as == "patches":
-            return cell_class_grid(scene).flatten().tolist()
-        out = [0] * 64
-        for obj in scene.objects:
-            x, y = cell_center(obj.row, obj.col, 64)
-            out[int(y / 8) * 8 + int(x / 8)] = object_class(obj)
-        return out
+        grid = cell_class_grid(scene) if self.objects_as == "patches" else centre_cell_grid(scene)
+        return grid.flatten().tolist()
 
-    def example(self, scene, item: dict) -> tuple[list[int], list[int], list[int]]:
+    def example(self, scene, item: dict, question_loss: bool) -> tuple[list[int], list[int], list[int]]:
         """(ids with the image's cells as `img` ids, labels (-100 = no loss), the 64 cell classes)."""
         from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, echoed_answer
 
@@ -222,7 +191,7 @@ class ProjectText:
                 ids = question + [self.img] * 64 + [self.processor.ids["eoi_token_id"]] + answer
                 return ids, [-100] * (len(ids) - len(answer)) + answer, cells
             ids = [self.img] * 64 + question + answer
-            asked = question if self.question_loss else [-100] * len(question)
+            asked = question if question_loss else [-100] * len(question)
             return ids, [-100] * 64 + asked + answer, cells
         suffix = SHORT_ANSWER_SUFFIX if self.template == "chat-suffix" else ""
         messages = [
@@ -234,7 +203,7 @@ class ProjectText:
         return ex.input_ids, ex.labels, cells
 
     def draw(
-        self, count: int, rng
+        self, count: int, rng, question_loss: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         from data_recipes.shapes import sample_scene
         from data_recipes.shapes_text import distinct_vqa_items
@@ -243,15 +212,11 @@ class ProjectText:
         for _ in range(count):
             scene = sample_scene(rng)
             item = distinct_vqa_items(scene, rng, 4)[0]
-            rows.append((*self.example(scene, item), item["question_type"]))
-        width = max(len(r[0]) for r in rows)
-        ids = torch.full((count, width), int(self.tok.pad_token_id or 0))
-        labels = torch.full((count, width), -100)
-        mask = torch.zeros(count, width, dtype=torch.long)
-        for k, (row_ids, row_labels, _, _) in enumerate(rows):
-            ids[k, : len(row_ids)] = torch.tensor(row_ids)
-            labels[k, : len(row_labels)] = torch.tensor(row_labels)
-            mask[k, : len(row_ids)] = 1
+            rows.append((*self.example(scene, item, question_loss), item["question_type"]))
+        from mllm.sequence import pad_sequences
+
+        ids, mask = pad_sequences([r[0] for r in rows], int(self.tok.pad_token_id or 0), side="right")
+        labels, _ = pad_sequences([r[1] for r in rows], -100, side="right")
         cells = torch.tensor([r[2] for r in rows])
         return ids, labels, mask, cells, [r[3] for r in rows]
 
@@ -283,19 +248,17 @@ def run_project(args) -> None:
 
     if args.question_loss and args.template != "bare":
         raise SystemExit("--question-loss runs with --template bare")
-    text = ProjectText(args.text_tokenizer, args.template, args.objects, args.question_loss, args.echo)
+    text = ProjectText(args.text_tokenizer, args.template, args.objects, args.echo)
     model = ProjectTextModel(text.vocab, text.img)
-    opt, sched = calibration_optimizer(model, args.lr, args.steps)
+    opt, sched = optimizer_and_schedule(model, args)
     train_rng, eval_rng = random.Random(1), random.Random(2)
-    text.question_loss = False  # scored on the answer tokens only
-    held = text.draw(1000, eval_rng)
-    text.question_loss = args.question_loss
+    held = text.draw(1000, eval_rng)  # scored on the answer tokens only
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        ids, labels, mask, cells, _ = text.draw(32, train_rng)
+        ids, labels, mask, cells, _ = text.draw(32, train_rng, args.question_loss)
         logits = model(ids, mask, cells)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        update(model, opt, sched, loss)
+        optimizer_step(model, opt, sched, loss)
         if step % 250 == 0 or step == args.steps:
             ids, labels, mask, cells, kinds = held
             with torch.no_grad():
@@ -337,6 +300,9 @@ def main() -> None:
         "`shapes_text.echoed_answer`, 'cross red'; scored on every answer token, echo included)",
     )
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="linear warm-up steps before the cosine decay"
+    )
     parser.add_argument("--questions", choices=("calibration", "project"), default="calibration")
     parser.add_argument(
         "--template", choices=("bare", "bare-question-first", "chat", "chat-suffix"), default="chat-suffix"
@@ -348,8 +314,8 @@ def main() -> None:
     )
     parser.add_argument("--text-tokenizer", type=Path, default=Path("runs/demo/text_tokenizer"))
     args = parser.parse_args()
-    if args.steps < 1 or args.threads < 1:
-        parser.error("--steps and --threads must be >= 1")
+    if args.steps < 1 or args.threads < 1 or args.warmup < 1:
+        parser.error("--steps, --threads and --warmup must be >= 1")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.questions == "project":
@@ -360,7 +326,7 @@ def main() -> None:
         run_project(args)
         return
     model = LookupModel(args.input, args.position_rms, args.question_first)
-    opt, sched = calibration_optimizer(model, args.lr, args.steps)
+    opt, sched = optimizer_and_schedule(model, args)
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)
     start = time.perf_counter()
@@ -372,7 +338,7 @@ def main() -> None:
             loss = F.cross_entropy(logits.flatten(0, 1), torch.cat([query, y[:, None]], dim=1).flatten())
         else:
             loss = F.cross_entropy(model(x)[:, -1], y)
-        update(model, opt, sched, loss)
+        optimizer_step(model, opt, sched, loss)
         if step % 250 == 0 or step == args.steps:
             with torch.no_grad():
                 if args.echo:  # greedy: the model writes the echo itself, then the answer

@@ -42,7 +42,7 @@ from ladder_training import (  # noqa: E402
     report_row,
 )
 
-from data_recipes.cell_truth import cell_class_grid  # noqa: E402
+from data_recipes.cell_truth import cell_class_grid, centre_cell_grid  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
 from data_recipes.shapes_text import (  # noqa: E402
     POSITION_PHRASES,
@@ -56,18 +56,6 @@ from eval.vqa_accuracy import normalize_answer  # noqa: E402
 from train.data import llava_messages  # noqa: E402
 
 TYPES = ("color", "shape", "count", "position", "existence")
-
-
-def centre_cells(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
-    """(grid, grid) cell classes with each object on the one cell under its centre (as the calibration's tokens)."""
-    from data_recipes.cell_truth import object_class
-    from data_recipes.shapes import cell_center
-
-    out = torch.zeros(grid, grid, dtype=torch.long)
-    for obj in scene.objects:
-        x, y = cell_center(obj.row, obj.col, size)
-        out[int(y * grid / size), int(x * grid / size)] = object_class(obj)
-    return out
 
 
 def read_scenes(path: Path) -> dict[int, dict]:
@@ -110,7 +98,7 @@ class CodeSource:
         if self.rung == "oracle":
             for i in ids:
                 scene = Scene.from_dict(rows[i]["scene"])
-                grid = cell_class_grid(scene) if self.oracle_cells == "footprint" else centre_cells(scene)
+                grid = cell_class_grid(scene) if self.oracle_cells == "footprint" else centre_cell_grid(scene)
                 codes = torch.zeros(*grid.shape, self.depth, dtype=torch.long)
                 codes[..., 0] = grid
                 self.cache[(split, i)] = (codes, codes)

@@ -59,6 +59,16 @@ def cell_class_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor
     return out
 
 
+def centre_cell_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
+    """(grid, grid) cell classes with each object on the one cell under its centre, the rest background (one
+    token per object, as the calibration's cells)."""
+    out = torch.zeros(grid, grid, dtype=torch.long)
+    for obj in scene.objects:
+        x, y = cell_center(obj.row, obj.col, size)
+        out[int(y * grid / size), int(x * grid / size)] = object_class(obj)
+    return out
+
+
 def _core_cells(row: int, col: int, grid: int, size: int) -> list[tuple[int, int]]:
     """Grid cells whose centres lie inside every object drawn at layout slot (row, col) (the small size's box)."""
     cx, cy = cell_center(row, col, size)

@@ -73,6 +73,23 @@ def test_cell_classes_round_trip_through_scenes():
     assert len(scene_from_cell_classes(torch.zeros(8, 8, dtype=torch.long)).objects) == 0
 
 
+def test_centre_cell_grids_hold_each_object_once_at_its_slot_centre():
+    import random
+
+    from data_recipes.cell_truth import cell_class_grid, centre_cell_grid, object_class
+    from data_recipes.shapes import sample_scene
+
+    rng = random.Random(1)
+    for _ in range(100):
+        scene = sample_scene(rng)
+        grid = centre_cell_grid(scene)
+        assert int((grid > 0).sum()) == len(scene.objects)
+        centre = (1, 4, 6)  # the 8x8 cell under each 3x3 slot's centre in the 64 px render
+        for obj in scene.objects:
+            assert int(grid[centre[obj.row], centre[obj.col]]) == object_class(obj)
+        assert bool(((grid > 0) <= (cell_class_grid(scene) > 0)).all())
+
+
 def test_the_report_tabulates_the_diagnostics_per_depth(tmp_path):
     import json
 
