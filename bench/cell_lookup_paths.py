@@ -33,6 +33,9 @@ The bisection toward the project's own VQA (learned cell tokens, one per cell cl
     --template bare-question-first  the question, then the cells, then `<eoi>`, then the answer
     --question-loss       (bare template) next-token loss on the question's tokens too, not only the answer's
     --template chat-suffix  the same plus LLaVA's short-answer instruction after the question (the training data)
+    --text-warmup N       first N steps on the same questions over scenes written as text (a caption naming every
+                          object and its place, where the cells go; its own warm-up + cosine schedule), then
+                          --steps on cells: does a question-answering circuit learned on text carry to cells?
 
     .venv/bin/python bench/cell_lookup_paths.py --input projector [--objects patches] [--steps 750] [--threads 1]
 """
@@ -177,33 +180,41 @@ class ProjectText:
         grid = cell_class_grid(scene) if self.objects_as == "patches" else centre_cell_grid(scene)
         return grid.flatten().tolist()
 
-    def example(self, scene, item: dict, question_loss: bool) -> tuple[list[int], list[int], list[int]]:
-        """(ids with the image's cells as `img` ids, labels (-100 = no loss), the 64 cell classes)."""
-        from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, echoed_answer
+    def example(
+        self, scene, item: dict, question_loss: bool, as_text: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
+        """(ids with the image's cells as `img` ids, labels (-100 = no loss), the 64 cell classes). `as_text`:
+        the scene is written as its caption (`shapes_text.captions`, objects and places) where the cells go."""
+        from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, captions, echoed_answer
 
         cells = self.cells(scene)
+        caption = captions(scene)[0] if as_text else ""
+        scene_ids = self.tok.encode(caption, add_special_tokens=False) if as_text else [self.img] * 64
         if self.echo:
             item = {**item, "answer": echoed_answer(item["question"], item["answer"])}
         if self.template.startswith("bare"):
             question = self.tok.encode(item["question"], add_special_tokens=False)
             answer = self.tok.encode(" " + item["answer"], add_special_tokens=False) + [self.tok.eos_token_id]
             if self.template == "bare-question-first":
-                ids = question + [self.img] * 64 + [self.processor.ids["eoi_token_id"]] + answer
+                ids = question + scene_ids + [self.processor.ids["eoi_token_id"]] + answer
                 return ids, [-100] * (len(ids) - len(answer)) + answer, cells
-            ids = [self.img] * 64 + question + answer
+            ids = scene_ids + question + answer
             asked = question if question_loss else [-100] * len(question)
-            return ids, [-100] * 64 + asked + answer, cells
+            return ids, [-100] * len(scene_ids) + asked + answer, cells
         suffix = SHORT_ANSWER_SUFFIX if self.template == "chat-suffix" else ""
         messages = [
-            {"role": "user", "content": "<image>\n" + item["question"] + suffix},
+            {
+                "role": "user",
+                "content": (caption if as_text else "<image>") + "\n" + item["question"] + suffix,
+            },
             {"role": "assistant", "content": item["answer"]},
         ]
         codes = torch.zeros(8, 8, 4, dtype=torch.long)
-        ex = self.processor.training_example(messages, [(codes, codes)])
+        ex = self.processor.training_example(messages, [] if as_text else [(codes, codes)])
         return ex.input_ids, ex.labels, cells
 
     def draw(
-        self, count: int, rng, question_loss: bool = False
+        self, count: int, rng, question_loss: bool = False, as_text: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         from data_recipes.shapes import sample_scene
         from data_recipes.shapes_text import distinct_vqa_items
@@ -212,7 +223,7 @@ class ProjectText:
         for _ in range(count):
             scene = sample_scene(rng)
             item = distinct_vqa_items(scene, rng, 4)[0]
-            rows.append((*self.example(scene, item, question_loss), item["question_type"]))
+            rows.append((*self.example(scene, item, question_loss, as_text), item["question_type"]))
         from mllm.sequence import pad_sequences
 
         ids, mask = pad_sequences([r[0] for r in rows], int(self.tok.pad_token_id or 0), side="right")
@@ -239,7 +250,8 @@ class ProjectTextModel(nn.Module):
 
     def forward(self, ids, mask, cells) -> torch.Tensor:
         hidden = self.llm.get_input_embeddings()(ids).clone()
-        hidden[ids == self.img] = self.cells(cells).flatten(0, 1).to(hidden.dtype)
+        if (ids == self.img).any():  # scenes written as text have no cells
+            hidden[ids == self.img] = self.cells(cells).flatten(0, 1).to(hidden.dtype)
         return self.llm(inputs_embeds=hidden, attention_mask=mask).logits
 
 
@@ -250,31 +262,39 @@ def run_project(args) -> None:
         raise SystemExit("--question-loss runs with --template bare")
     text = ProjectText(args.text_tokenizer, args.template, args.objects, args.echo)
     model = ProjectTextModel(text.vocab, text.img)
-    opt, sched = optimizer_and_schedule(model, args)
     train_rng, eval_rng = random.Random(1), random.Random(2)
     held = text.draw(1000, eval_rng)  # scored on the answer tokens only
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids, labels, mask, cells, _ = text.draw(32, train_rng, args.question_loss)
-        logits = model(ids, mask, cells)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        optimizer_step(model, opt, sched, loss)
-        if step % 250 == 0 or step == args.steps:
-            ids, labels, mask, cells, kinds = held
-            with torch.no_grad():
-                predicted = model(ids, mask, cells)[:, :-1].argmax(-1)
-            target = labels[:, 1:]
-            right = ((predicted == target) | (target == -100)).all(dim=1).tolist()
-            per = {
-                k: 100 * sum(r for r, q in zip(right, kinds) if q == k) / max(1, kinds.count(k))
-                for k in KINDS
-            }
-            print(
-                f"step {step} loss {loss.item():.3f} "
-                + " ".join(f"{k} {v:.0f}" for k, v in per.items())
-                + f" overall {100 * sum(right) / len(right):.1f} ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+
+    def score(batch, label: str, step: int, loss: torch.Tensor) -> None:
+        ids, labels, mask, cells, kinds = batch
+        with torch.no_grad():
+            predicted = model(ids, mask, cells)[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        right = ((predicted == target) | (target == -100)).all(dim=1).tolist()
+        per = {
+            k: 100 * sum(r for r, q in zip(right, kinds) if q == k) / max(1, kinds.count(k)) for k in KINDS
+        }
+        print(
+            f"{label}step {step} loss {loss.item():.3f} "
+            + " ".join(f"{k} {v:.0f}" for k, v in per.items())
+            + f" overall {100 * sum(right) / len(right):.1f} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+
+    def phase(steps: int, as_text: bool, eval_batch, label: str) -> None:
+        opt, sched = optimizer_and_schedule(model, argparse.Namespace(**{**vars(args), "steps": steps}))
+        for step in range(1, steps + 1):
+            ids, labels, mask, cells, _ = text.draw(32, train_rng, args.question_loss, as_text)
+            logits = model(ids, mask, cells)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            optimizer_step(model, opt, sched, loss)
+            if step % 250 == 0 or step == steps:
+                score(eval_batch, label, step, loss)
+
+    if args.text_warmup:  # the LLM first learns the questions over scenes written as text, then over cells
+        phase(args.text_warmup, True, text.draw(1000, random.Random(3), as_text=True), "text scenes: ")
+    phase(args.steps, False, held, "")
 
 
 def main() -> None:
@@ -311,6 +331,12 @@ def main() -> None:
         "--question-loss",
         action="store_true",
         help="project questions, bare template: loss on the question too",
+    )
+    parser.add_argument(
+        "--text-warmup",
+        type=int,
+        default=0,
+        help="project questions: first train N steps on scenes written as captions, then --steps on cells",
     )
     parser.add_argument("--text-tokenizer", type=Path, default=Path("runs/demo/text_tokenizer"))
     args = parser.parse_args()

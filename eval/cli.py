@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.demo import ABLATION_STAGES, STAGES, DemoSettings, run_demo
+from eval.demo import ABLATION_STAGES, BUDGETS, STAGES, DemoSettings, run_demo
 
 
 def _demo(args) -> int:
-    budget = {
+    budget = dict(BUDGETS[args.budget])
+    budget |= {
         name: getattr(args, name)
         for name in (
             "teacher_steps",
@@ -19,11 +20,13 @@ def _demo(args) -> int:
             "batch_size",
             "probe_steps",
             "threads",
+            "curve_every",
         )
         if getattr(args, name) is not None
     }
     if args.eval_limit is not None:
         budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
+        budget["curve_questions"] = args.eval_limit
     settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
     run_demo(Path(args.out), settings, rerun_from=args.rerun_from, ablations=args.ablations)
     return 0
@@ -204,14 +207,29 @@ def register(subparsers) -> None:
     budget = demo.add_argument_group(
         "budget (defaults: what `make demo` runs in about 28 minutes on 2 cores)"
     )
+    budget.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="default",
+        help="named budget: default (what `make demo` runs) or long (stage 2 five times longer, about 1.5 hours "
+        "in all on 2 cores, with its VQA-against-minutes curve); the flags below override it",
+    )
     budget.add_argument("--teacher-steps", type=int)
     budget.add_argument("--tokenizer-steps", type=int)
     budget.add_argument("--stage1-steps", type=int, help="MLLM stage 1 (projectors + heads) steps")
     budget.add_argument("--stage2-steps", type=int, help="MLLM stage 2 (everything) steps")
     budget.add_argument("--batch-size", type=int, help="MLLM batch size")
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
-    budget.add_argument("--eval-limit", type=int, help="samples per evaluation task")
+    budget.add_argument(
+        "--eval-limit", type=int, help="samples per evaluation task (and questions per VQA curve point)"
+    )
     budget.add_argument("--threads", type=int, help="torch threads")
+    budget.add_argument(
+        "--curve-every",
+        type=int,
+        help=f"stage-2 steps between VQA points on the validation split (0: none; default "
+        f"{DemoSettings.curve_every})",
+    )
     demo.add_argument(
         "--from",
         dest="rerun_from",

@@ -39,6 +39,19 @@ class DemoSettings:
     eval_t2i: int = 120
     probe_steps: int = 1500  # optimizer steps per code probe (tokenizer_eval, 2,000 train images)
     threads: int = 2
+    # VQA on the validation split every `curve_every` stage-2 steps (0: off): accuracy against MLLM training
+    # minutes (`eval.learning_curve`), in REPORT.md as a table and a plot.
+    curve_every: int = 350
+    curve_questions: int = 200
+
+
+# Named budgets (`dualtoken demo --budget NAME`); explicit budget flags override them. "long" gives the MLLM's
+# stage 2 five times the default steps (about 1.5 hours in all on 2 cores), with its VQA curve, to show
+# what more training buys.
+BUDGETS: dict[str, dict] = {
+    "default": {},
+    "long": {"stage2_steps": 3500, "curve_every": 350},
+}
 
 
 @dataclass
@@ -191,7 +204,9 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
     return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}
 
 
-def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str]) -> dict:
+def _train_mllm(
+    ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str], callbacks: list | None = None
+) -> dict:
     """Train one MLLM stage into `output`, continuing from its newest checkpoint when `ctx.resume` and it has one."""
     import torch
 
@@ -215,7 +230,7 @@ def _train_mllm(ctx: DemoContext, config: str, output: Path, steps: int, extra: 
         "--seed", str(ctx.settings.seed),
         *extra,
     ]  # fmt: skip
-    trainer = train_main(argv)
+    trainer = train_main(argv, callbacks=callbacks)
     atomic_write_json(output / "log_history.json", trainer.state.log_history)
     history = [row for row in trainer.state.log_history if "loss" in row or "train_loss" in row]
     throughput = (
@@ -247,9 +262,37 @@ def stage_mllm_stage1(ctx: DemoContext) -> dict:
     )
 
 
+def _stage_seconds(ctx: DemoContext, name: str) -> float:
+    marker = ctx.out / "stages" / f"{name}.json"
+    return float(json.loads(marker.read_text())["seconds"]) if marker.exists() else 0.0
+
+
 def stage_mllm_stage2(ctx: DemoContext) -> dict:
-    extra = ["--model_name_or_path", str(ctx.path("mllm_stage1"))]
-    return _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), ctx.settings.stage2_steps, extra)
+    from eval.learning_curve import VQACurveCallback, read_curve
+    from mllm.processor import DualTokenProcessor
+
+    s, stage1 = ctx.settings, ctx.path("mllm_stage1")
+    extra = ["--model_name_or_path", str(stage1)]
+    callbacks = []
+    if s.curve_every:
+        callbacks.append(
+            VQACurveCallback(
+                DualTokenProcessor.from_pretrained(stage1),
+                ctx.data_dir / "val",
+                ctx.path("mllm") / "vqa_curve",
+                every=s.curve_every,
+                questions=s.curve_questions,
+                minutes_before=_stage_seconds(ctx, "mllm_stage1") / 60,
+                seed=s.seed,
+            )
+        )
+    summary = _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), s.stage2_steps, extra, callbacks)
+    if s.curve_every:
+        summary["vqa_curve"] = [
+            {k: p[k] for k in ("step", "train_minutes", "overall")}
+            for p in read_curve(ctx.path("mllm") / "vqa_curve" / "vqa_curve.json")
+        ]
+    return summary
 
 
 def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:

@@ -201,6 +201,37 @@ def _ablation_section(run: Path) -> list[str]:
     return ["## Ablations", "", *lines] if lines else []
 
 
+def _vqa_curve_section(run: Path) -> list[str]:
+    """VQA on the validation split against MLLM training minutes, measured during stage 2 (`--curve-every`)."""
+    from eval.learning_curve import QUESTION_TYPES, plot_vqa_curves, read_curve
+
+    points = read_curve(run / "mllm" / "vqa_curve" / "vqa_curve.json")
+    if not points:
+        return []
+    plot = plot_vqa_curves({"stage 2": points}, run / "eval" / "vqa_curve.png")
+    rows = [
+        (
+            p["step"],
+            f"{p['train_minutes']:.1f}",
+            _pct(p["overall"]),
+            *(_pct(p["per_question_type"].get(t)) for t in QUESTION_TYPES),
+        )
+        for p in points
+    ]
+    lines = [
+        "## VQA against MLLM training minutes (validation split)",
+        "",
+        f"{points[0]['num_questions']} validation questions answered every few stage-2 steps by the model being "
+        "trained; minutes are MLLM training wall time (stage 1 included, the evaluations not).",
+        "",
+        _table(("stage-2 step", "MLLM minutes", "overall", *QUESTION_TYPES), rows),
+        "",
+    ]
+    if plot:
+        lines += ["![VQA against MLLM training minutes](eval/vqa_curve.png)", ""]
+    return lines
+
+
 def _vqa_section(run: Path) -> list[str]:
     metrics = _read_json(run / "eval" / "vqa_metrics.json")
     if not metrics:
@@ -360,6 +391,7 @@ def write_report(run: str | os.PathLike, summaries: Mapping[str, dict]) -> Path:
         "",
         *_tokenizer_section(run, summaries),
         *_vqa_section(run),
+        *_vqa_curve_section(run),
         *_caption_chat_section(run),
         *_t2i_section(run),
         *_ablation_section(run),

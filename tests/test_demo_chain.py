@@ -7,7 +7,7 @@ import json
 from mllm.console import main
 
 MICRO = ["--scenes", "240", "--teacher-steps", "4", "--tokenizer-steps", "3", "--probe-steps", "20", "--stage1-steps", "2",
-         "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--threads", "1"]  # fmt: skip
+         "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--threads", "1", "--curve-every", "1"]  # fmt: skip
 
 
 def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
@@ -37,6 +37,16 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     vqa = json.loads((out / "eval" / "vqa_metrics.json").read_text())
     assert vqa["all"]["num_questions"] == 4 and vqa["shuffled_images"]["num_questions"] == 4
     assert "| all, shuffled images (control) | 4 |" in report
+    # VQA against training minutes: a point after each stage-2 step, on 4 validation questions, minutes counted
+    # from the end of stage 1 onwards.
+    stage1_minutes = json.loads((out / "stages" / "mllm_stage1.json").read_text())["seconds"] / 60
+    curve = json.loads((out / "stages" / "mllm_stage2.json").read_text())["summary"]["vqa_curve"]
+    assert [p["step"] for p in curve] == [1, 2]
+    assert stage1_minutes < curve[0]["train_minutes"] < curve[1]["train_minutes"]
+    written = json.loads((out / "mllm" / "vqa_curve" / "vqa_curve.json").read_text())
+    assert written["split"] == str(out / "data" / "val")
+    assert [p["num_questions"] for p in written["points"]] == [4, 4]
+    assert "## VQA against MLLM training minutes" in report and (out / "eval" / "vqa_curve.png").exists()
     fd = json.loads((out / "eval" / "t2i_metrics.json").read_text())["fd"]
     assert fd["generated"] == 4 and fd["value"] >= 0 and "FD of 4 generated" in report
     reference = json.loads((out / "eval" / "t2i_metrics.json").read_text())["reference"]

@@ -69,4 +69,4 @@ if __name__ == "__main__":
     if os.environ.get("KILL_DURING_SAVE_STEP"):
         _install_kill(int(os.environ["KILL_DURING_SAVE_STEP"]))
     callbacks = [ProbeCallback(os.environ["PROBE_OUT"])] if os.environ.get("PROBE_OUT") else []
-    mllm_train.main(sys.argv[1:], callbacks=callbacks)
+    mllm_train.run_script(sys.argv[1:], callbacks=callbacks)

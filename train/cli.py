@@ -38,9 +38,9 @@ def _run_mllm(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
         return subprocess.call([*command, "-m", "train.mllm_train", *argv], env=os.environ.copy())
-    from train.mllm_train import main
+    from train.mllm_train import run_script
 
-    main(argv)
+    run_script(argv)
     return 0
 
 

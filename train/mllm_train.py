@@ -24,6 +24,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 
+from data_recipes.atomic_io import atomic_write_json
 from train.data import MLLMCollator, build_training_data
 from train.throughput import FlopModel, measure_matmul_peak
 from train.trainer import MLLMTrainer, last_complete_checkpoint
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         {f"final_{key}": value for key, value in throughput.items() if key in FINAL_SCALARS and value}
     )
     if trainer.is_world_process_zero():
-        (output_dir / "throughput.json").write_text(json.dumps(throughput, indent=1) + "\n")
+        atomic_write_json(output_dir / "throughput.json", throughput)
         fraction = f"{throughput['peak_fraction']:.1%}" if peak else "n/a"
         print(
             f"throughput: {throughput['samples_per_second']:.2f} samples/s, "
@@ -315,5 +316,16 @@ def _resumed_counters(checkpoint: str) -> tuple[int, int, float]:
     )
 
 
+def run_script(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> None:
+    """`main` for a process that exits afterwards (a launcher's entry point): the process group is torn down
+    here, explicitly, so that no gloo/NCCL thread is still alive while the interpreter exits (a worker could then
+    abort with "terminate called without an active exception" after everything was saved)."""
+    try:
+        main(argv, callbacks=callbacks)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    run_script()
