@@ -33,6 +33,7 @@ The bisection toward the project's own VQA (learned cell tokens, one per cell cl
     --template bare-question-first  the question, then the cells, then `<eoi>`, then the answer
     --question-loss       (bare template) next-token loss on the question's tokens too, not only the answer's
     --template chat-suffix  the same plus LLaVA's short-answer instruction after the question (the training data)
+    --llm KEY=VALUE ...   tiny Qwen2 config overrides (layers, width, heads) for either task
     --text-warmup N       first N steps on the same questions over scenes written as text (a caption naming every
                           object and its place, where the cells go; its own warm-up + cosine schedule), then
                           --steps on cells: does a question-answering circuit learned on text carry to cells?
@@ -130,13 +131,26 @@ def draw(
     return torch.tensor(rows), torch.tensor(answers)
 
 
+def parse_llm_overrides(pairs: list[str]) -> dict:
+    """`--llm num_hidden_layers=8` pairs -> Qwen2 config overrides (integers and floats parsed)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--llm: expected KEY=VALUE, got {pair!r}")
+        overrides[key] = float(value) if "." in value or "e" in value else int(value)
+    return overrides
+
+
 class LookupModel(nn.Module):
-    def __init__(self, cell_input: str, position_rms: float, question_first: bool = False):
+    def __init__(
+        self, cell_input: str, position_rms: float, question_first: bool = False, llm: dict | None = None
+    ):
         super().__init__()
         self.question_first = question_first
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = tiny_text_config(vocab_size=VOCAB)
+        config = tiny_text_config(vocab_size=VOCAB, **(llm or {}))
         config.pop("model_type")
         self.llm = Qwen2ForCausalLM(Qwen2Config(**config))
         self.cell_input = cell_input
@@ -235,13 +249,13 @@ class ProjectText:
 class ProjectTextModel(nn.Module):
     """The tiny Qwen2 over the project's text; image cells are learned vectors per cell class."""
 
-    def __init__(self, vocab: int, img: int):
+    def __init__(self, vocab: int, img: int, llm: dict | None = None):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         from data_recipes.cell_truth import NUM_CELL_CLASSES
 
-        config = tiny_text_config(vocab_size=vocab)
+        config = tiny_text_config(vocab_size=vocab, **(llm or {}))
         config.pop("model_type")
         self.llm = Qwen2ForCausalLM(Qwen2Config(**config))
         self.cells = nn.Embedding(NUM_CELL_CLASSES, config["hidden_size"])
@@ -261,7 +275,7 @@ def run_project(args) -> None:
     if args.question_loss and args.template != "bare":
         raise SystemExit("--question-loss runs with --template bare")
     text = ProjectText(args.text_tokenizer, args.template, args.objects, args.echo)
-    model = ProjectTextModel(text.vocab, text.img)
+    model = ProjectTextModel(text.vocab, text.img, parse_llm_overrides(args.llm))
     train_rng, eval_rng = random.Random(1), random.Random(2)
     held = text.draw(1000, eval_rng)  # scored on the answer tokens only
     start = time.perf_counter()
@@ -338,6 +352,13 @@ def main() -> None:
         default=0,
         help="project questions: first train N steps on scenes written as captions, then --steps on cells",
     )
+    parser.add_argument(
+        "--llm",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tiny Qwen2 config overrides, e.g. num_hidden_layers=8 hidden_size=128",
+    )
     parser.add_argument("--text-tokenizer", type=Path, default=Path("runs/demo/text_tokenizer"))
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1 or args.warmup < 1:
@@ -351,7 +372,7 @@ def main() -> None:
             parser.error(f"--text-tokenizer {args.text_tokenizer} does not exist (run `make demo` first)")
         run_project(args)
         return
-    model = LookupModel(args.input, args.position_rms, args.question_first)
+    model = LookupModel(args.input, args.position_rms, args.question_first, parse_llm_overrides(args.llm))
     opt, sched = optimizer_and_schedule(model, args)
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)

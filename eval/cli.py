@@ -211,7 +211,7 @@ def register(subparsers) -> None:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="named budget: default (what `make demo` runs) or long (stage 2 five times longer, about 1.5 hours "
+        help="named budget: default (what `make demo` runs) or long (stage 2 seven times longer, about 1.5 hours "
         "in all on 2 cores, with its VQA-against-minutes curve); the flags below override it",
     )
     budget.add_argument("--teacher-steps", type=int)

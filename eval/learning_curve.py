@@ -158,6 +158,7 @@ def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike
                 linestyle="-" if i == 0 else "--",
                 label=qtype if i == 0 else None,
             )
+    ax_all.axhline(90, color="gray", linestyle=":", label="target (90%)")
     for ax, title in ((ax_all, "VQA overall"), (ax_type, "per question type")):
         ax.set_xlabel("MLLM training minutes")
         ax.set_ylabel("accuracy (%)")
