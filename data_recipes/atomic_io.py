@@ -39,6 +39,17 @@ def atomic_save_png(image: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG (tight layout); the figure is closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
 def atomic_directory_write(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)` on a fresh sibling directory, then move its entries into `target` atomically.
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from data_recipes.atomic_io import atomic_write_json
+from data_recipes.atomic_io import atomic_save_figure, atomic_write_json
 
 CURVE_FILE = "vqa_curve.json"
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
@@ -166,11 +166,4 @@ def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return atomic_save_figure(fig, out_png)

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from data_recipes.atomic_io import atomic_write_text
+from data_recipes.atomic_io import atomic_save_figure, atomic_save_png, atomic_write_text
 
 T2I_TAG_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -68,13 +68,7 @@ def plot_training_curves(histories: Mapping[str, list[dict]], out_png: Path) -> 
         ax.set_xlabel("step (stages back to back)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return atomic_save_figure(fig, out_png)
 
 
 def verdict_grid(
@@ -111,11 +105,7 @@ def verdict_grid(
             prompt = verdict["prompt"] if len(verdict["prompt"]) <= 26 else verdict["prompt"][:25] + "…"
             draw.text((c * cell + 6, y + side + 2), f"{mark} [{tag}]", fill=color)
             draw.text((c * cell + 6, y + side + 16), prompt, fill=(0, 0, 0))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, out_png)
-    return out_png
+    return atomic_save_png(canvas, out_png)
 
 
 # ------------------------------------------------------------------------------------------ sections
