@@ -290,7 +290,7 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
     if s.curve_every:
         summary["vqa_curve"] = [
             {k: p[k] for k in ("step", "train_minutes", "overall")}
-            for p in read_curve(ctx.path("mllm") / "vqa_curve" / "vqa_curve.json")
+            for p in read_curve(callbacks[0].path)
         ]
     return summary
 

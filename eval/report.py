@@ -193,9 +193,9 @@ def _ablation_section(run: Path) -> list[str]:
 
 def _vqa_curve_section(run: Path) -> list[str]:
     """VQA on the validation split against MLLM training minutes, measured during stage 2 (`--curve-every`)."""
-    from eval.learning_curve import QUESTION_TYPES, plot_vqa_curves, read_curve
+    from eval.learning_curve import CURVE_FILE, QUESTION_TYPES, plot_vqa_curves, read_curve
 
-    points = read_curve(run / "mllm" / "vqa_curve" / "vqa_curve.json")
+    points = read_curve(run / "mllm" / "vqa_curve" / CURVE_FILE)
     if not points:
         return []
     plot = plot_vqa_curves({"stage 2": points}, run / "eval" / "vqa_curve.png")
