@@ -289,8 +289,7 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
     summary = _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), s.stage2_steps, extra, callbacks)
     if s.curve_every:
         summary["vqa_curve"] = [
-            {k: p[k] for k in ("step", "train_minutes", "overall")}
-            for p in read_curve(callbacks[0].path)
+            {k: p[k] for k in ("step", "train_minutes", "overall")} for p in read_curve(callbacks[0].path)
         ]
     return summary
 
