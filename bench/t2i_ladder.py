@@ -11,7 +11,7 @@ test prompts with the T2I scene-parser check, per category. Rungs differ in the 
   pixel        the DualToken pixel codes, pixel head only (images from the pixel decoder)
   sem+pixel    pixel + semantic codes and both heads (the demo model's generator)
 
-Options: `--depth-weights` (loss weight per residual depth, e.g. 1,0.3,0.1,0.1), `--steps`, `--batch`, `--lr`,
+Options: `--output-position` (a 2-D position embedding on output cells), `--depth-weights` (loss weight per residual depth, e.g. 1,0.3,0.1,0.1), `--steps`, `--batch`, `--lr`,
 `--caption-dropout` (the unconditional share for CFG), `--cfg`. Besides the T2I scores, every row reports the per-depth
 image losses of `eval.t2i_diagnostics` on the test prompts' own images (own vs shifted caption, zeroed LLM state).
 
@@ -112,7 +112,11 @@ def build(args, codes: Codes, text_tokenizer):
     from mllm.presets import build
 
     model, processor = build(
-        "tiny", text_tokenizer, codes.tokenizer, use_semantic_head=args.rung == "sem+pixel"
+        "tiny",
+        text_tokenizer,
+        codes.tokenizer,
+        use_semantic_head=args.rung == "sem+pixel",
+        output_position_embedding=args.output_position,
     )
     if codes.tokenizer is None:
         g = torch.Generator().manual_seed(args.seed)
@@ -215,6 +219,11 @@ def main(argv=None) -> dict:
         "--code-prior",
         action="store_true",
         help="start the depth heads at the train split's code frequencies (what `dualtoken train mllm` does)",
+    )
+    p.add_argument(
+        "--output-position",
+        action="store_true",
+        help="add a learned 2-D position embedding to output-image cells (`output_position_embedding`)",
     )
     p.add_argument("--save", type=Path, default=None, help="save the trained model here (save_pretrained)")
     p.add_argument("--eval-prompts", type=int, default=120)
@@ -329,7 +338,7 @@ def main(argv=None) -> dict:
     if args.save:
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
-    row = {"rung": args.rung, "depth_weights": args.depth_weights, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
+    row = {"rung": args.rung, "output_position": args.output_position, "depth_weights": args.depth_weights, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "cfg": args.cfg, "temperature": args.temperature, "caption_dropout": args.caption_dropout, "train_s": round(train_s, 1),
            **final, "curve": curve}  # fmt: skip
     return report_row(args, row, [args.rung, args.depth_weights], final, ("overall", *T2I_TAGS))

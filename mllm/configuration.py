@@ -52,6 +52,9 @@ class DualTokenMLLMConfig(PretrainedConfig):
         image_position_embedding: add a learned embedding per grid cell (h*w x hidden, 2-D sine-cosine at init,
             `cell_embedding.grid_sincos`) to input-image cells, so the LLM sees where a cell is without counting raster
             positions through RoPE.
+        output_position_embedding: the same for output-image cells (its own table): the state that predicts cell
+            i+1 reads that it sits at cell i from its input instead of counting from `<boi>` through RoPE, which a
+            prompt of varying length makes harder.
         depth_head_layers / depth_head_width / depth_head_heads: depth-transformer size (width and heads default
             to the LLM hidden size and head count); depth_head_mlp_ratio and depth_head_dropout as in a GPT block.
         projector_act: activation inside the 2-layer code MLPs.
@@ -76,6 +79,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
     use_semantic_head: bool = True
     input_cell_norm: bool = False
     image_position_embedding: bool = False
+    output_position_embedding: bool = False
     depth_head_layers: int = 3
     depth_head_width: int | None = None
     depth_head_heads: int | None = None

@@ -180,7 +180,7 @@ def generate_images(
             pixel_cells.append(pixel)
             semantic_cells.append(semantic)
             if cell + 1 < cells:
-                embeds = model.output_cell_embedding(pixel, semantic)
+                embeds = model.output_cell_embedding(pixel, semantic, cell)
                 hidden = decode_step(model, state, torch.cat([embeds, embeds]) if use_cfg else embeds)
             if progress is not None:
                 progress(cell + 1, cells)
@@ -318,7 +318,8 @@ def generate_chat(
                 if heads is None:
                     heads = stacked_heads(model)
                 pixel, semantic = sample_cell(heads, hidden[image_rows], settings, row_generator, None)
-                embeds[image_rows] = model.output_cell_embedding(pixel, semantic).to(embeds.dtype)
+                index = [len(drawn[r][-1][0]) for r in image_rows]
+                embeds[image_rows] = model.output_cell_embedding(pixel, semantic, index).to(embeds.dtype)
                 for i, r in enumerate(image_rows):
                     pixels, semantics = drawn[r][-1]
                     pixels.append(pixel[i])

@@ -113,6 +113,11 @@ class DualTokenMLLM(PreTrainedModel):
             if config.image_position_embedding
             else None
         )
+        self.output_cell_position = (
+            nn.Parameter(torch.zeros(config.grid_size * config.grid_size, hidden))
+            if config.output_position_embedding
+            else None
+        )
         code_shape = (config.codebook_size, config.code_dim)
         self.register_buffer("pixel_code_embedding", torch.zeros(code_shape))
         self.register_buffer("semantic_code_embedding", torch.zeros(code_shape))
@@ -124,8 +129,10 @@ class DualTokenMLLM(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config.text_config, "initializer_range", 0.02)
-        if module is self and self.image_cell_position is not None:
-            self.image_cell_position.copy_(grid_sincos(self.config.grid_size, self.config.hidden_size))
+        if module is self:
+            for table in (self.image_cell_position, self.output_cell_position):
+                if table is not None:
+                    table.copy_(grid_sincos(self.config.grid_size, self.config.hidden_size))
         if isinstance(module, DepthHead):
             init.normal_(module.depth_position, mean=0.0, std=std)
             init.normal_(module.classifier_weight, mean=0.0, std=std)
@@ -281,11 +288,16 @@ class DualTokenMLLM(PreTrainedModel):
         return table[codes.long()].sum(dim=-2)
 
     def output_cell_embedding(
-        self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor | None
+        self,
+        pixel_codes: torch.Tensor,
+        semantic_codes: torch.Tensor | None,
+        cell_index: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Embedding of output-image cells: (..., D) codes -> (..., H) = [MLP_pix(sum E_pix) ; MLP_sem(sum E_sem)].
 
-        Without a semantic head the semantic half is zeros (`semantic_codes` is ignored).
+        Without a semantic head the semantic half is zeros (`semantic_codes` is ignored). With
+        `config.output_position_embedding`, `cell_index` (the raster index of each cell in its grid: an int or a
+        tensor broadcasting against the codes' leading shape) selects the cell's position embedding to add.
         """
         dtype = self.pixel_projector.fc1.weight.dtype
         pixel = self.pixel_projector(self._code_sum(self.pixel_code_embedding, pixel_codes).to(dtype))
@@ -297,7 +309,13 @@ class DualTokenMLLM(PreTrainedModel):
             semantic = self.semantic_projector(
                 self._code_sum(self.semantic_code_embedding, semantic_codes).to(dtype)
             )
-        return torch.cat([pixel, semantic], dim=-1)
+        out = torch.cat([pixel, semantic], dim=-1)
+        if self.output_cell_position is None:
+            return out
+        if cell_index is None:
+            raise ValueError("DualTokenMLLM: output_position_embedding needs the cells' cell_index")
+        index = torch.as_tensor(cell_index, device=out.device, dtype=torch.long)
+        return out + self.output_cell_position[index].to(out.dtype)
 
     def understanding_cell_embedding(
         self, pixel_codes: torch.Tensor | None, semantic_codes: torch.Tensor
@@ -364,9 +382,10 @@ class DualTokenMLLM(PreTrainedModel):
         if inputs.numel() and semantic_codes is None:
             raise ValueError("DualTokenMLLM: understanding images need semantic_codes")
         if pixel_codes is not None and (semantic_codes is not None or self.semantic_head is None):
+            index = torch.arange(cells, device=reference.device)
             out = out.index_put(
                 (outputs,),
-                self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs)),
+                self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs), index),
             )
         if semantic_codes is not None and (
             pixel_codes is not None or self.understanding_projector is not None

@@ -52,6 +52,9 @@ def tiny_fields(**overrides: Any) -> dict[str, Any]:
         # them the from-scratch LLM answers from the question alone (bench/vqa_ladder.py, README "Understanding").
         "input_cell_norm": True,
         "image_position_embedding": True,
+        # Output cells too: with it the state that predicts a cell knows which cell it is at without counting from
+        # <boi> (bench/t2i_ladder.py, README "Text-to-image: the ladder").
+        "output_position_embedding": True,
     }
     fields.update(overrides)
     return fields

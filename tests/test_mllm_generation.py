@@ -66,9 +66,24 @@ def test_batched_text_to_image_equals_one_by_one_under_a_seed(micro):
     assert not torch.equal(batched.pixel_codes[0, 0], batched.pixel_codes[0, 1])  # n images differ
 
 
+def _with_output_positions(text_tokenizer, seed):
+    """A micro model with output-cell position embeddings, set to random values large enough to change every
+    drawn cell's state (a cached decode that added the wrong cell's position would then disagree)."""
+    model, processor = build_micro(text_tokenizer, seed=seed, output_position_embedding=True)
+    with torch.no_grad():
+        model.output_cell_position.copy_(torch.randn_like(model.output_cell_position))
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def micro_positioned(text_tokenizer):
+    return _with_output_positions(text_tokenizer, seed=11)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_greedy_text_to_image_matches_teacher_forced_heads(micro, cfg_scale):
-    model, processor = micro
+@pytest.mark.parametrize("positioned", [False, True])
+def test_greedy_text_to_image_matches_teacher_forced_heads(micro, micro_positioned, cfg_scale, positioned):
+    model, processor = micro_positioned if positioned else micro
     caption = "a yellow star in the middle"
     settings = GenerationSettings(cfg_scale=cfg_scale, image_temperature=0.0)
     result = generate_images(model, processor, [caption], settings)
@@ -100,8 +115,12 @@ def test_cfg_changes_the_images(micro):
     assert not torch.equal(plain.pixel_codes, guided.pixel_codes)
 
 
-def test_interleaved_chat_draws_an_image_when_the_model_opens_one(text_tokenizer):
-    model, processor = build_micro(text_tokenizer, seed=12)
+@pytest.mark.parametrize("positioned", [False, True])
+def test_interleaved_chat_draws_an_image_when_the_model_opens_one(text_tokenizer, positioned):
+    if positioned:
+        model, processor = _with_output_positions(text_tokenizer, seed=12)
+    else:
+        model, processor = build_micro(text_tokenizer, seed=12)
     config = model.config
     llm = model.language_model
     head = nn.Linear(config.hidden_size, llm.lm_head.out_features, bias=True)
