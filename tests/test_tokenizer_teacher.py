@@ -8,13 +8,16 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer, SiglipModel, SiglipVisionModel
 
+from data_recipes.cell_truth import object_class
+from data_recipes.shapes import ShapeObject
 from data_recipes.shapes_dataset import write_shapes_dataset
 from mllm.cli_text_tokenizer import register
 from mllm.console import main
-from tokenizer.teacher import METRICS_NAME, TeacherSettings, train_teacher
-from tokenizer.teacher_data import to_pixel_values
+from tokenizer.teacher import METRICS_NAME, TeacherSettings, patch_classes, train_teacher
+from tokenizer.teacher_data import load_captions, to_pixel_values
 from tokenizer.teacher_zero_shot import (
     class_pairs,
     load_teacher,
@@ -62,6 +65,26 @@ def test_training_lowers_loss_and_writes_metrics(teacher):
     assert saved["text_vocab_size"] > 256  # byte pieces + caption words
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_dense_loss_targets_every_patch_and_leaves_a_plain_siglip_directory(teacher, dataset):
+    out, metrics = teacher
+    _, _, objects = load_captions(dataset, "train")
+    settings = TeacherSettings(**MICRO)
+    targets = patch_classes(objects, settings)
+    assert targets.shape == (len(objects), 64)
+    for objs, row in zip(objects[:20], targets[:20]):
+        covered = set(row[row > 0].tolist())
+        assert covered == {object_class(ShapeObject.from_dict(o)) for o in objs}  # every object, nothing else
+    assert float((targets > 0).float().mean()) < 0.5  # mostly background patches
+    # The per-patch head is a training device: it is scored, then dropped from the saved teacher.
+    accuracy = metrics["dense_patch_accuracy"]
+    assert 0.0 <= accuracy["objects"] <= accuracy["all"] <= 1.0
+    assert accuracy["objects"] > 0.2  # far above the 1/61 of a blind guess among the object classes
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert not [k for k in weights.keys() if "dense_head" in k]
+    with pytest.raises(ValueError, match="dense_loss_weight"):
+        TeacherSettings(dense_loss_weight=-1.0)
 
 
 def test_directory_reloads_whole_model_and_vision_tower(teacher, dataset):

@@ -87,6 +87,12 @@ def register_teacher(tok_sub) -> None:
         "layout slot of the shapes world)",
     )
     parser.add_argument(
+        "--dense-loss-weight",
+        dest="dense_loss_weight",
+        type=float,
+        help="weight of the per-patch class loss on the distilled layer (default: TeacherSettings.dense_loss_weight)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         dest="checkpoint_every",
         type=int,
