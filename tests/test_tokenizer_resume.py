@@ -32,8 +32,15 @@ from tokenizer.teacher_checkpoint import checkpoint_dirs, work_dir
 from tokenizer.train import train_tokenizer
 
 STEPS, EVERY = 10, 3
+# With the dense patch loss, so its head's weights and optimizer state must come back from a checkpoint too.
 TEACHER = dict(
-    MICRO_TEACHER, steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=1, eval_every=4, log_every=2
+    MICRO_TEACHER,
+    steps=STEPS,
+    checkpoint_every=EVERY,
+    keep_checkpoints=1,
+    eval_every=4,
+    log_every=2,
+    dense_loss_weight=1.0,
 )
 TOKENIZER = dict(steps=STEPS, checkpoint_every=EVERY, keep_checkpoints=2, sample_every=4, log_every=2)
 TAILS = {"teacher": ("trained", "published"), "tokenizer": ("trained",)}

@@ -40,6 +40,7 @@ MICRO = dict(
     lr=3e-3,
     warmup_steps=10,
     threads=1,
+    dense_loss_weight=1.0,
 )
 
 
