@@ -275,7 +275,7 @@ def test_understanding_token_modes(text_tokenizer, mode):
 
 
 def test_pixel_head_only_ablation(text_tokenizer):
-    model, processor = build_micro(text_tokenizer, use_semantic_head=False)
+    model, processor = build_micro(text_tokenizer, use_semantic_head=False, output_position_embedding=False)
     assert model.semantic_head is None
     batch = _batch(model, processor)
     out = model(**batch)
@@ -313,9 +313,22 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     centred = model.input_cell_norm(plain - plain.mean(dim=0, keepdim=True))
     assert torch.allclose(understood, centred + model.image_cell_position, atol=1e-5)
     assert torch.allclose(centred.mean(dim=-1), torch.zeros(cells), atol=1e-5)
+    # Output cells: not centred; their own position table added, cell by cell in raster order.
+    with torch.no_grad():
+        model.output_cell_position.copy_(torch.randn_like(model.output_cell_position))
+        drawn = model.image_embeddings(*codes, output)[0]
+        pixel_part = model.pixel_projector(model._code_sum(model.pixel_code_embedding, pixel.reshape(cells, -1)))
+        semantic_part = model.semantic_projector(
+            model._code_sum(model.semantic_code_embedding, semantic.reshape(cells, -1))
+        )
+    unplaced = torch.cat([pixel_part, semantic_part], dim=-1)
+    assert torch.allclose(drawn, unplaced + model.output_cell_position, atol=1e-5)
     assert torch.allclose(
-        drawn, model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
+        drawn,
+        model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1), torch.arange(cells)),
     )
+    with pytest.raises(ValueError, match="cell_index"):
+        model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
     bare = build_micro(text_tokenizer, image_position_embedding=False, input_cell_norm=False)[0]
     assert bare.image_cell_position is None and bare.input_cell_norm is None
     with torch.no_grad():
@@ -326,6 +339,7 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     model.save_pretrained(tmp_path / "model")
     reloaded = type(model).from_pretrained(tmp_path / "model")
     assert torch.equal(reloaded.image_cell_position, model.image_cell_position)
+    assert torch.equal(reloaded.output_cell_position, model.output_cell_position)
     assert torch.equal(reloaded.input_cell_norm.weight, model.input_cell_norm.weight)
 
 
