@@ -317,7 +317,9 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     with torch.no_grad():
         model.output_cell_position.copy_(torch.randn_like(model.output_cell_position))
         drawn = model.image_embeddings(*codes, output)[0]
-        pixel_part = model.pixel_projector(model._code_sum(model.pixel_code_embedding, pixel.reshape(cells, -1)))
+        pixel_part = model.pixel_projector(
+            model._code_sum(model.pixel_code_embedding, pixel.reshape(cells, -1))
+        )
         semantic_part = model.semantic_projector(
             model._code_sum(model.semantic_code_embedding, semantic.reshape(cells, -1))
         )
@@ -325,7 +327,9 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     assert torch.allclose(drawn, unplaced + model.output_cell_position, atol=1e-5)
     assert torch.allclose(
         drawn,
-        model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1), torch.arange(cells)),
+        model.output_cell_embedding(
+            pixel.reshape(cells, -1), semantic.reshape(cells, -1), torch.arange(cells)
+        ),
     )
     with pytest.raises(ValueError, match="cell_index"):
         model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
