@@ -11,8 +11,9 @@ test prompts with the T2I scene-parser check, per category. Rungs differ in the 
   pixel        the DualToken pixel codes, pixel head only (images from the pixel decoder)
   sem+pixel    pixel + semantic codes and both heads (the demo model's generator)
 
-Options: `--output-position` (a 2-D position embedding on output cells), `--depth-weights` (loss weight per residual depth, e.g. 1,0.3,0.1,0.1), `--steps`, `--batch`, `--lr`,
-`--caption-dropout` (the unconditional share for CFG), `--cfg`. Besides the T2I scores, every row reports the per-depth
+Options: `--output-position` (a 2-D position embedding on output cells), `--depth-weights` (loss weight per
+residual depth, e.g. 1,0.3,0.1,0.1), `--steps`, `--batch`, `--lr`, `--caption-dropout` (the unconditional share for
+CFG), `--cfg`. Besides the T2I scores, every row reports the per-depth
 image losses of `eval.t2i_diagnostics` on the test prompts' own images (own vs shifted caption, zeroed LLM state).
 
   .venv/bin/python bench/t2i_ladder.py --rung oracle --steps 1000 --batch 32

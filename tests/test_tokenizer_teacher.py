@@ -84,8 +84,9 @@ def test_dense_loss_targets_every_patch_and_leaves_a_plain_siglip_directory(teac
     assert accuracy["objects"] > 0.2  # far above the 1/61 of a blind guess among the object classes
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         assert not [k for k in weights.keys() if "dense_head" in k]
-    with pytest.raises(ValueError, match="dense_loss_weight"):
-        TeacherSettings(dense_loss_weight=-1.0)
+    for bad in (-1.0, True, float("nan"), "1"):
+        with pytest.raises(ValueError, match="dense_loss_weight"):
+            TeacherSettings(dense_loss_weight=bad)
 
 
 def test_directory_reloads_whole_model_and_vision_tower(teacher, dataset):

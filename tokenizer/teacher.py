@@ -163,7 +163,8 @@ class TeacherSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TeacherSettings.{name}: expected an integer >= 0, got {value!r}")
-        if not (isinstance(self.dense_loss_weight, (int, float)) and self.dense_loss_weight >= 0):
+        weight = self.dense_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
                 f"TeacherSettings.dense_loss_weight: expected a weight >= 0, got {self.dense_loss_weight!r}"
             )
