@@ -189,7 +189,7 @@ def stage_encode(ctx: DemoContext) -> dict:
 
 
 def stage_text_tokenizer(ctx: DemoContext) -> dict:
-    from mllm.sequence import SPECIAL_TOKENS
+    from mllm.sequence import PROMPT_PIECES, SPECIAL_TOKENS
     from tokenizer.text_tokenizer import texts_from_dataset, train_text_tokenizer
 
     out = ctx.path("text_tokenizer")
@@ -198,7 +198,7 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
         texts,
         out,
         vocab_size=ctx.settings.text_vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=(*SPECIAL_TOKENS, *PROMPT_PIECES),
         seed=ctx.settings.seed,
     )
     return {"text_tokenizer": str(out), "vocab": len(tokenizer), "texts": len(texts)}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _text_tokenizer(args) -> int:
-    from mllm.sequence import SPECIAL_TOKENS
+    from mllm.sequence import PROMPT_PIECES, SPECIAL_TOKENS
     from tokenizer.text_tokenizer import texts_from_dataset, train_text_tokenizer
 
     try:
@@ -23,7 +23,7 @@ def _text_tokenizer(args) -> int:
                 args.out,
                 vocab_size=args.vocab_size,
                 model_type=args.model_type,
-                special_tokens=SPECIAL_TOKENS,
+                special_tokens=SPECIAL_TOKENS if args.spell_prompts else (*SPECIAL_TOKENS, *PROMPT_PIECES),
                 seed=args.seed,
             )
     except (ValueError, FileNotFoundError) as error:
@@ -54,4 +54,11 @@ def register(mllm_subparsers) -> None:
     parser.add_argument("--model-type", dest="model_type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--split", default="train", help="dataset split to read (default train)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--spell-prompts",
+        dest="spell_prompts",
+        action="store_true",
+        help="do not hold the chat turn headers and the short-answer instruction as one piece each "
+        "(mllm.sequence.PROMPT_PIECES); spelled out they take 20 of a short-answer VQA turn's ~36 tokens",
+    )
     parser.set_defaults(func=_text_tokenizer)

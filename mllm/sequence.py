@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
+
 IMAGE_PLACEHOLDER = "<image>"
 BOI = "<boi>"
 EOI = "<eoi>"
@@ -28,6 +30,15 @@ CHAT_SPECIALS = (TURN_START, TURN_END)
 # Every string the text tokenizer must hold as one token (`tokenizer.text_tokenizer.train_text_tokenizer`'s
 # `special_tokens`; `mllm.processor.ensure_special_tokens` adds those a pretrained tokenizer lacks).
 SPECIAL_TOKENS = (*MULTIMODAL_SPECIALS, *CHAT_SPECIALS)
+# Fixed prompt strings a tokenizer trained from scratch holds as one piece each, on top of SPECIAL_TOKENS: the chat
+# turn headers (as `mllm.processor.CHAT_TEMPLATE` renders them) and LLaVA's short-answer instruction. SentencePiece
+# merges neither across spaces nor around the turn markers, so spelled out the two headers take 4 + 8 tokens and the
+# instruction 11 of the ~36 of a short-answer VQA turn. The tiny preset's text tokenizer is trained with them
+# (`dualtoken mllm text-tokenizer`, the demo); a pretrained tokenizer keeps its own pieces.
+PROMPT_PIECES = (
+    *(f"{TURN_START}{role}\n" for role in ("system", "user", "assistant")),
+    SHORT_ANSWER_SUFFIX,
+)
 IGNORE_INDEX = -100
 
 

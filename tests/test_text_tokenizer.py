@@ -10,8 +10,9 @@ import sentencepiece as spm
 
 from data_recipes.shapes import sample_scene
 from data_recipes.shapes_dataset import write_shapes_dataset
-from data_recipes.shapes_text import captions, chat
-from mllm.sequence import SPECIAL_TOKENS
+from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, captions, chat
+from mllm.processor import DualTokenProcessor
+from mllm.sequence import PROMPT_PIECES, SPECIAL_TOKENS
 from tokenizer.text_tokenizer import (
     SETTINGS_NAME,
     load_text_tokenizer,
@@ -129,6 +130,45 @@ def test_vocab_size_is_capped_or_rejected(tmp_path):
         train_text_tokenizer(texts, tmp_path / "x", model_type="wordpiece")
     with pytest.raises(ValueError, match="no non-blank text"):
         train_text_tokenizer(["", "  "], tmp_path / "x")
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_prompt_pieces_are_one_id_each_and_match_sentencepiece(model_type, tmp_path):
+    """The tiny preset's fixed prompt strings (turn headers, the short-answer instruction, which holds spaces) are one
+    id each, in the HF tokenizer and in SentencePiece alike, and a chat-formatted VQA turn shrinks by what spelling
+    them out costs, its answer unchanged."""
+    texts = CORPUS + [f"<image>\nWhat color is the star?{SHORT_ANSWER_SUFFIX}"] * 20
+    compact = train_text_tokenizer(
+        texts,
+        tmp_path / "c",
+        vocab_size=380,
+        model_type=model_type,
+        special_tokens=(*SPECIAL_TOKENS, *PROMPT_PIECES),
+    )
+    spelled = train_text_tokenizer(
+        texts, tmp_path / "s", vocab_size=380, model_type=model_type, special_tokens=SPECIAL_TOKENS
+    )
+    vocab = compact.get_vocab()
+    for piece in PROMPT_PIECES:
+        assert compact(piece, add_special_tokens=False).input_ids == [vocab[piece]]
+    question = f"What color is the shape on the left?{SHORT_ANSWER_SUFFIX}"
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "c" / "tokenizer.model"))
+    ids = compact(question, add_special_tokens=False).input_ids
+    assert ids == sp.encode(question) and ids[-1] == vocab[SHORT_ANSWER_SUFFIX]
+    assert compact.decode(ids) == question
+    turn = [{"role": "user", "content": question}, {"role": "assistant", "content": "red"}]
+    lengths, answers, texts = [], [], []
+    for tokenizer in (compact, spelled):
+        example = DualTokenProcessor(tokenizer).training_example(turn, [])
+        lengths.append(len(example.input_ids))
+        answers.append(tokenizer.decode([t for t in example.labels if t >= 0]))
+        texts.append(tokenizer.decode(example.input_ids))
+    compact_ids = DualTokenProcessor(compact).training_example(turn, []).input_ids
+    assert [compact_ids.count(vocab[piece]) for piece in PROMPT_PIECES] == [0, 1, 1, 1]
+    assert lengths[1] - lengths[0] >= 20 and texts[0] == texts[1], (lengths, texts)
+    assert answers == ["red<|im_end|>", "red<|im_end|>"]
+    with pytest.raises(ValueError, match="metaspace"):
+        train_text_tokenizer(texts, tmp_path / "m", vocab_size=380, special_tokens=("a\u2581b",))
 
 
 def test_texts_from_dataset_and_llava_json(tmp_path):

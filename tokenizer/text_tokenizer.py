@@ -8,8 +8,9 @@ wrapped as an HF fast tokenizer (`tokenizer.json`, loadable with `AutoTokenizer.
   string (newlines, unseen characters) decodes back to itself. The HF tokenizer reproduces SentencePiece's ids: the
   pieces become a `tokenizers` BPE (merges ranked by piece order) or Unigram model behind a Metaspace pre-tokenizer.
 - `special_tokens` (none by default; the MLLM passes its `<image>`, `<boi>`, `<eoi>`, `<img>` and chat turn markers,
-  `mllm.sequence.SPECIAL_TOKENS`) become SentencePiece user-defined symbols and HF special tokens: one id each,
-  never split. Ids: unk 0, bos 1, eos 2, pad 3; a bos is
+  `mllm.sequence.SPECIAL_TOKENS`, and the tiny preset fixed prompt strings, `mllm.sequence.PROMPT_PIECES`) become
+  SentencePiece user-defined symbols and HF special tokens: one id each, never split; one may hold spaces (a fixed
+  instruction), which SentencePiece matches as metaspaces. Ids: unk 0, bos 1, eos 2, pad 3; a bos is
   prepended by default (`add_special_tokens=True`), no eos. The chat template belongs to `mllm.processor`.
 - A `vocab_size` larger than the text supports is capped automatically to SentencePiece's maximum (a warning says
   so, and `sentencepiece_settings.json` records requested and actual sizes); one too small to hold every character
@@ -73,7 +74,8 @@ def _train_spm(
         bos_piece=BOS,
         eos_piece=EOS,
         pad_piece=PAD,
-        user_defined_symbols=list(specials),
+        # SentencePiece matches user-defined symbols after replacing spaces with the metaspace.
+        user_defined_symbols=[t.replace(" ", _METASPACE) for t in specials],
         num_threads=1,
         max_sentence_length=1 << 16,
         minloglevel=2,
@@ -101,12 +103,16 @@ def _hf_tokenizer(model_bytes: bytes, specials: Sequence[str]) -> PreTrainedToke
     """The HF fast tokenizer equivalent to the SentencePiece model `model_bytes`."""
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model_bytes)
-    pieces = [(p.piece, p.type) for p in proto.pieces]
+    # A user-defined piece is matched whole before pre-tokenization, so HF holds it with its spaces restored.
+    pieces = [
+        (p.piece.replace(_METASPACE, " ") if p.type == _USER_DEFINED else p.piece, p.type)
+        for p in proto.pieces
+    ]
     if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         vocab = {piece: index for index, (piece, _) in enumerate(pieces)}
         model = BPE(vocab, _bpe_merges(pieces), unk_token=UNK, fuse_unk=True, byte_fallback=True)
     else:
-        scores = [(p.piece, p.score) for p in proto.pieces]
+        scores = [(piece, p.score) for (piece, _), p in zip(pieces, proto.pieces)]
         model = Unigram(scores, unk_id=proto.trainer_spec.unk_id, byte_fallback=True)
     backend = Tokenizer(model)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
@@ -155,10 +161,11 @@ def train_text_tokenizer(
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
     specials = list(dict.fromkeys(special_tokens))
-    clashes = [t for t in specials if t in (UNK, BOS, EOS, PAD) or not t or t.isspace()]
+    clashes = [t for t in specials if t in (UNK, BOS, EOS, PAD) or not t or t.isspace() or _METASPACE in t]
     if clashes:
         raise ValueError(
-            f"special_tokens: {clashes!r} are reserved or blank (unk/bos/eos/pad are always present)"
+            f"special_tokens: {clashes!r} are reserved, blank or hold the metaspace {_METASPACE!r} "
+            "(unk/bos/eos/pad are always present)"
         )
     corpus = [t for t in texts if t and not t.isspace()]
     if not corpus:
