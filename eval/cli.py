@@ -17,6 +17,7 @@ def _demo(args) -> int:
             "tokenizer_steps",
             "stage1_steps",
             "stage2_steps",
+            "vqa_repeat",
             "batch_size",
             "probe_steps",
             "threads",
@@ -218,6 +219,11 @@ def register(subparsers) -> None:
     budget.add_argument("--tokenizer-steps", type=int)
     budget.add_argument("--stage1-steps", type=int, help="MLLM stage 1 (projectors + heads) steps")
     budget.add_argument("--stage2-steps", type=int, help="MLLM stage 2 (everything) steps")
+    budget.add_argument(
+        "--vqa-repeat",
+        type=int,
+        help=f"stage 2 lists the multi-turn VQA conversations this many times (default {DemoSettings.vqa_repeat})",
+    )
     budget.add_argument("--batch-size", type=int, help="MLLM batch size")
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(

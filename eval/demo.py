@@ -32,6 +32,8 @@ class DemoSettings:
     text_vocab_size: int = 1024
     stage1_steps: int = 150
     stage2_steps: int = 700
+    # Stage 2 lists the train split's multi-turn VQA conversations this many times (1: once, as every other record).
+    vqa_repeat: int = 1
     batch_size: int = 16
     eval_vqa: int = 400
     eval_captions: int = 100
@@ -43,6 +45,10 @@ class DemoSettings:
     # minutes (`eval.learning_curve`), in REPORT.md as a table and a plot.
     curve_every: int = 350
     curve_questions: int = 200
+
+    def __post_init__(self):
+        if isinstance(self.vqa_repeat, bool) or not isinstance(self.vqa_repeat, int) or self.vqa_repeat < 1:
+            raise ValueError(f"DemoSettings.vqa_repeat: expected an integer >= 1, got {self.vqa_repeat!r}")
 
 
 # Named budgets (`dualtoken demo --budget NAME`); explicit budget flags override them. "long" gives the MLLM's
@@ -205,9 +211,16 @@ def stage_text_tokenizer(ctx: DemoContext) -> dict:
 
 
 def _train_mllm(
-    ctx: DemoContext, config: str, output: Path, steps: int, extra: list[str], callbacks: list | None = None
+    ctx: DemoContext,
+    config: str,
+    output: Path,
+    steps: int,
+    extra: list[str],
+    callbacks: list | None = None,
+    llava_files: list[Path] | None = None,
 ) -> dict:
-    """Train one MLLM stage into `output`, continuing from its newest checkpoint when `ctx.resume` and it has one."""
+    """Train one MLLM stage into `output`, continuing from its newest checkpoint when `ctx.resume` and it has one
+    (conversations: `llava_files`, by default the train split's llava.json)."""
     import torch
 
     from train.mllm_train import main as train_main
@@ -221,7 +234,7 @@ def _train_mllm(
     torch.set_num_threads(ctx.settings.threads)
     argv = [
         "--config", str(Path(__file__).resolve().parents[1] / "train" / "configs" / config),
-        "--llava_files", str(split / "llava.json"),
+        "--llava_files", *(str(f) for f in llava_files or [split / "llava.json"]),
         "--prompt_files", str(split / "prompts.jsonl"),
         "--code_store", str(ctx.path("codes") / "train"),
         "--output_dir", str(output),
@@ -256,6 +269,24 @@ def _stage1_args(ctx: DemoContext, model_overrides: dict | None = None) -> list[
     return extra
 
 
+def _stage2_llava_files(ctx: DemoContext) -> list[Path]:
+    """Stage 2's conversations: the train split's llava.json, then its VQA conversations (ids ending in "-vqa")
+    `vqa_repeat - 1` more times, from a copy written once to `mllm_data/vqa_conversations.json`."""
+    everything = ctx.data_dir / "train" / "llava.json"
+    if ctx.settings.vqa_repeat <= 1:
+        return [everything]
+    vqa = ctx.path("mllm_data") / "vqa_conversations.json"
+    records = [
+        r for r in json.loads(everything.read_text(encoding="utf-8")) if str(r.get("id", "")).endswith("-vqa")
+    ]
+    if not records:
+        raise ValueError(
+            f"vqa_repeat={ctx.settings.vqa_repeat}: {everything} holds no VQA conversations (-vqa ids)"
+        )
+    atomic_write_json(vqa, records)
+    return [everything, *[vqa] * (ctx.settings.vqa_repeat - 1)]
+
+
 def stage_mllm_stage1(ctx: DemoContext) -> dict:
     return _train_mllm(
         ctx, "tiny_stage1.yaml", ctx.path("mllm_stage1"), ctx.settings.stage1_steps, _stage1_args(ctx)
@@ -286,7 +317,9 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
                 seed=s.seed,
             )
         )
-    summary = _train_mllm(ctx, "tiny_stage2.yaml", ctx.path("mllm"), s.stage2_steps, extra, callbacks)
+    summary = _train_mllm(
+        ctx, "tiny_stage2.yaml", ctx.path("mllm"), s.stage2_steps, extra, callbacks, _stage2_llava_files(ctx)
+    )
     if s.curve_every:
         summary["vqa_curve"] = [
             {k: p[k] for k in ("step", "train_minutes", "overall")} for p in read_curve(callbacks[0].path)
@@ -358,7 +391,12 @@ def _mllm_ablation(ctx: DemoContext, name: str, model_overrides: dict, evaluate:
     s = ctx.settings
     _train_mllm(ctx, "tiny_stage1.yaml", root / "stage1", s.stage1_steps, _stage1_args(ctx, model_overrides))
     _train_mllm(
-        ctx, "tiny_stage2.yaml", root / "mllm", s.stage2_steps, ["--model_name_or_path", str(root / "stage1")]
+        ctx,
+        "tiny_stage2.yaml",
+        root / "mllm",
+        s.stage2_steps,
+        ["--model_name_or_path", str(root / "stage1")],
+        llava_files=_stage2_llava_files(ctx),
     )
     shutil.rmtree(root / "stage1")  # only the final model is evaluated; stage 1 weights are not needed again
     torch.set_num_threads(s.threads)

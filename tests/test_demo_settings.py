@@ -1,0 +1,41 @@
+"""The demo's stage-2 conversation files: the VQA conversations listed `vqa_repeat` times, bad settings refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval.demo import DemoContext, DemoSettings, _stage2_llava_files
+
+
+def _write_split(root, records):
+    split = root / "data" / "train"
+    split.mkdir(parents=True)
+    (split / "llava.json").write_text(json.dumps(records))
+    return split / "llava.json"
+
+
+RECORDS = [
+    {"id": "0-caption", "image": "images/0000000.png", "conversations": []},
+    {"id": "0-vqa", "image": "images/0000000.png", "conversations": []},
+    {"id": "0-chat", "image": "images/0000000.png", "conversations": []},
+    {"id": "1-vqa", "image": "images/0000001.png", "conversations": []},
+]
+
+
+def test_vqa_conversations_are_listed_vqa_repeat_times(tmp_path):
+    everything = _write_split(tmp_path, RECORDS)
+    assert _stage2_llava_files(DemoContext(tmp_path, DemoSettings())) == [everything]
+    files = _stage2_llava_files(DemoContext(tmp_path, DemoSettings(vqa_repeat=3)))
+    assert files[0] == everything and len(files) == 3 and files[1] == files[2] != everything
+    assert [r["id"] for r in json.loads(files[1].read_text())] == ["0-vqa", "1-vqa"]
+
+
+def test_bad_vqa_repeat_and_a_split_without_vqa_are_refused(tmp_path):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="vqa_repeat"):
+            DemoSettings(vqa_repeat=bad)
+    _write_split(tmp_path, [RECORDS[0], RECORDS[2]])
+    with pytest.raises(ValueError, match="no VQA conversations"):
+        _stage2_llava_files(DemoContext(tmp_path, DemoSettings(vqa_repeat=2)))
