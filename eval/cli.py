@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from eval.demo import ABLATION_STAGES, BUDGETS, STAGES, DemoSettings, run_demo
@@ -28,7 +29,11 @@ def _demo(args) -> int:
     if args.eval_limit is not None:
         budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
         budget["curve_questions"] = args.eval_limit
-    settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
+    try:
+        settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
+    except ValueError as error:
+        print(f"dualtoken demo: error: {error}", file=sys.stderr)
+        return 2
     run_demo(Path(args.out), settings, rerun_from=args.rerun_from, ablations=args.ablations)
     return 0
 

@@ -272,7 +272,7 @@ def _stage1_args(ctx: DemoContext, model_overrides: dict | None = None) -> list[
 
 def _stage2_llava_files(ctx: DemoContext) -> list[Path]:
     """Stage 2's conversations: the train split's llava.json, then its VQA conversations (ids ending in "-vqa")
-    `vqa_repeat - 1` more times, from a copy written once to `mllm_data/vqa_conversations.json`."""
+    `vqa_repeat - 1` more times, from a copy (re)written by each call to `mllm_data/vqa_conversations.json`."""
     everything = ctx.data_dir / "train" / "llava.json"
     if ctx.settings.vqa_repeat <= 1:
         return [everything]

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from eval.demo import DemoContext, DemoSettings, _stage2_llava_files
+from mllm.console import main
 
 
 def _write_split(root, records):
@@ -39,3 +40,9 @@ def test_bad_vqa_repeat_and_a_split_without_vqa_are_refused(tmp_path):
     _write_split(tmp_path, [RECORDS[0], RECORDS[2]])
     with pytest.raises(ValueError, match="no VQA conversations"):
         _stage2_llava_files(DemoContext(tmp_path, DemoSettings(vqa_repeat=2)))
+
+
+def test_the_cli_reports_a_bad_vqa_repeat_without_a_traceback(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--vqa-repeat", "0"]) == 2
+    assert "dualtoken demo: error: DemoSettings.vqa_repeat" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -157,15 +157,12 @@ def test_prompt_pieces_are_one_id_each_and_match_sentencepiece(model_type, tmp_p
     assert ids == sp.encode(question) and ids[-1] == vocab[SHORT_ANSWER_SUFFIX]
     assert compact.decode(ids) == question
     turn = [{"role": "user", "content": question}, {"role": "assistant", "content": "red"}]
-    lengths, answers, texts = [], [], []
-    for tokenizer in (compact, spelled):
-        example = DualTokenProcessor(tokenizer).training_example(turn, [])
-        lengths.append(len(example.input_ids))
-        answers.append(tokenizer.decode([t for t in example.labels if t >= 0]))
-        texts.append(tokenizer.decode(example.input_ids))
-    compact_ids = DualTokenProcessor(compact).training_example(turn, []).input_ids
-    assert [compact_ids.count(vocab[piece]) for piece in PROMPT_PIECES] == [0, 1, 1, 1]
-    assert lengths[1] - lengths[0] >= 20 and texts[0] == texts[1], (lengths, texts)
+    examples = [DualTokenProcessor(tokenizer).training_example(turn, []) for tokenizer in (compact, spelled)]
+    lengths = [len(example.input_ids) for example in examples]
+    answers = [t.decode([i for i in e.labels if i >= 0]) for t, e in zip((compact, spelled), examples)]
+    rendered = [t.decode(e.input_ids) for t, e in zip((compact, spelled), examples)]
+    assert [examples[0].input_ids.count(vocab[piece]) for piece in PROMPT_PIECES] == [0, 1, 1, 1]
+    assert lengths[1] - lengths[0] >= 20 and rendered[0] == rendered[1], (lengths, rendered)
     assert answers == ["red<|im_end|>", "red<|im_end|>"]
     with pytest.raises(ValueError, match="metaspace"):
         train_text_tokenizer(texts, tmp_path / "m", vocab_size=380, special_tokens=("a\u2581b",))
