@@ -198,4 +198,4 @@ if __name__ == "__main__":
     if kill:
         moment, step = kill.split(":")
         callbacks.append(KillAt(moment, int(step)))
-    mllm_train.main(sys.argv[1:], callbacks=callbacks)
+    mllm_train.run_script(sys.argv[1:], callbacks=callbacks)  # tears the process group down before exit
