@@ -15,6 +15,7 @@ def _demo(args) -> int:
         name: getattr(args, name)
         for name in (
             "teacher_steps",
+            "teacher_dense_loss_weight",
             "tokenizer_steps",
             "stage1_steps",
             "stage2_steps",
@@ -221,6 +222,12 @@ def register(subparsers) -> None:
         "in all on 2 cores, with its VQA-against-minutes curve); the flags below override it",
     )
     budget.add_argument("--teacher-steps", type=int)
+    budget.add_argument(
+        "--teacher-dense-loss-weight",
+        type=float,
+        help="weight of the teacher's per-patch class loss (0: sigmoid loss only; default "
+        f"{DemoSettings.teacher_dense_loss_weight:g}, the long budget 1)",
+    )
     budget.add_argument("--tokenizer-steps", type=int)
     budget.add_argument("--stage1-steps", type=int, help="MLLM stage 1 (projectors + heads) steps")
     budget.add_argument("--stage2-steps", type=int, help="MLLM stage 2 (everything) steps")

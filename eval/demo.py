@@ -29,6 +29,8 @@ class DemoSettings:
     image_size: int = 64
     seed: int = 0
     teacher_steps: int = 600
+    # Weight of the teacher's per-patch class loss (`TeacherSettings.dense_loss_weight`; 0: the sigmoid loss alone).
+    teacher_dense_loss_weight: float = 0.0
     tokenizer_steps: int | None = None  # None: the tokenizer trainer's own default
     text_vocab_size: int = 1024
     stage1_steps: int = 150
@@ -50,14 +52,20 @@ class DemoSettings:
     def __post_init__(self):
         if isinstance(self.vqa_repeat, bool) or not isinstance(self.vqa_repeat, int) or self.vqa_repeat < 1:
             raise ValueError(f"DemoSettings.vqa_repeat: expected an integer >= 1, got {self.vqa_repeat!r}")
+        weight = self.teacher_dense_loss_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(
+                f"DemoSettings.teacher_dense_loss_weight: expected a number >= 0, got {self.teacher_dense_loss_weight!r}"
+            )
 
 
 # Named budgets (`dualtoken demo --budget NAME`); explicit budget flags override them. "long" gives the MLLM's
-# stage 2 about seven times the default steps (about 1.5 hours in all on 2 cores), with its VQA curve, to show
-# what more training buys.
+# stage 2 about seven times the default steps, with its VQA curve, and a teacher trained with the per-patch class
+# loss, whose codes carry shape (at the default budget they cost colour reading; at 5,000 steps they pay, README
+# "What more MLLM training buys").
 BUDGETS: dict[str, dict] = {
     "default": {},
-    "long": {"stage2_steps": 5000, "curve_every": 500},
+    "long": {"stage2_steps": 5000, "curve_every": 500, "teacher_dense_loss_weight": 1.0},
 }
 
 
@@ -126,7 +134,10 @@ def stage_teacher(ctx: DemoContext) -> dict:
         _fresh(out)
         _fresh(work_dir(out))
     settings = TeacherSettings(
-        steps=ctx.settings.teacher_steps, seed=ctx.settings.seed, threads=ctx.settings.threads
+        steps=ctx.settings.teacher_steps,
+        seed=ctx.settings.seed,
+        threads=ctx.settings.threads,
+        dense_loss_weight=ctx.settings.teacher_dense_loss_weight,
     )
     metrics = train_teacher(ctx.data_dir, out, settings, resume=ctx.resume)
     result = zero_shot_eval(out, ctx.data_dir, split="test")

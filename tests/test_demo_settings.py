@@ -46,3 +46,27 @@ def test_the_cli_reports_a_bad_vqa_repeat_without_a_traceback(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "run"), "--vqa-repeat", "0"]) == 2
     assert "dualtoken demo: error: DemoSettings.vqa_repeat" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_teacher_stage_trains_with_the_budgets_dense_loss_weight(tmp_path, monkeypatch, capsys):
+    import tokenizer.teacher as teacher
+    from eval import demo
+
+    seen = []
+
+    def fake_train(data_dir, out, settings, resume):
+        seen.append(settings)
+        raise RuntimeError("stop after the settings")
+
+    monkeypatch.setattr(teacher, "train_teacher", fake_train)
+    for weight in (0.0, 2.5):
+        with pytest.raises(RuntimeError, match="stop after the settings"):
+            demo.stage_teacher(DemoContext(tmp_path, DemoSettings(teacher_dense_loss_weight=weight)))
+    assert [s.dense_loss_weight for s in seen] == [0.0, 2.5]
+    assert DemoSettings().teacher_dense_loss_weight == 0.0
+    assert demo.BUDGETS["long"]["teacher_dense_loss_weight"] == 1.0
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="teacher_dense_loss_weight"):
+            DemoSettings(teacher_dense_loss_weight=bad)
+    assert main(["demo", "--out", str(tmp_path / "run"), "--teacher-dense-loss-weight", "-0.5"]) == 2
+    assert "DemoSettings.teacher_dense_loss_weight" in capsys.readouterr().err
