@@ -212,14 +212,15 @@ def register(subparsers) -> None:
     demo.add_argument("--size", type=int, default=DemoSettings.image_size, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=DemoSettings.seed)
     budget = demo.add_argument_group(
-        "budget (defaults: what `make demo` runs in about 28 minutes on 2 cores)"
+        "budget (defaults: what `make demo` runs in about 24 minutes on 2 cores)"
     )
     budget.add_argument(
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="named budget: default (what `make demo` runs) or long (stage 2 seven times longer, about 1.5 hours "
-        "in all on 2 cores, with its VQA-against-minutes curve); the flags below override it",
+        help="named budget: default (what `make demo` runs) or long (stage 2 seven times longer and a teacher with "
+        "the per-patch class loss, about an hour in all on 2 cores, with its VQA-against-minutes curve); the flags "
+        "below override it",
     )
     budget.add_argument("--teacher-steps", type=int)
     budget.add_argument(

@@ -133,9 +133,12 @@ def read_curve(path: str | os.PathLike) -> list[dict]:
     return json.loads(path.read_text())["points"] if path.exists() else []
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike) -> Path | None:
-    """Overall VQA accuracy (left) and per question type (right, solid for the first curve, dashed for the
-    others) against MLLM training minutes, one line per named curve."""
+    """Overall VQA accuracy (left) and per question type (right; solid for the first curve, then dashed, dotted,
+    dash-dotted) against MLLM training minutes, one line per named curve."""
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return None
@@ -155,7 +158,7 @@ def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike
                 minutes,
                 values,
                 color=colors[j % len(colors)],
-                linestyle="-" if i == 0 else "--",
+                linestyle=LINE_STYLES[i % len(LINE_STYLES)],
                 label=qtype if i == 0 else None,
             )
     ax_all.axhline(90, color="gray", linestyle=":", label="target (90%)")
