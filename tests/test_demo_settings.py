@@ -1,4 +1,5 @@
-"""The demo's stage-2 conversation files: the VQA conversations listed `vqa_repeat` times, bad settings refused."""
+"""The demo's budget settings: the VQA conversations listed `vqa_repeat` times in stage 2, the teacher's dense-loss
+weight passed to the teacher stage (1 in the long budget), bad settings refused before anything is written."""
 
 from __future__ import annotations
 
