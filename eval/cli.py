@@ -20,13 +20,17 @@ def _demo(args) -> int:
             "stage1_steps",
             "stage2_steps",
             "vqa_repeat",
-            "batch_size",
+            "stage1_batch_size",
+            "stage2_batch_size",
             "probe_steps",
             "threads",
             "curve_every",
         )
         if getattr(args, name) is not None
     }
+    if args.batch_size is not None:  # both stages, unless a stage's own flag says otherwise
+        for name in ("stage1_batch_size", "stage2_batch_size"):
+            budget[name] = args.batch_size if getattr(args, name) is None else getattr(args, name)
     if args.eval_limit is not None:
         budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
         budget["curve_questions"] = args.eval_limit
@@ -218,7 +222,7 @@ def register(subparsers) -> None:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="named budget: default (what `make demo` runs) or long (stage 2 seven times longer and a teacher with "
+        help="named budget: default (what `make demo` runs) or long (stage 2 sees seven times the examples, and a teacher with "
         "the per-patch class loss, about an hour in all on 2 cores, with its VQA-against-minutes curve); the flags "
         "below override it",
     )
@@ -237,7 +241,17 @@ def register(subparsers) -> None:
         type=int,
         help=f"stage 2 lists the multi-turn VQA conversations this many times (default {DemoSettings.vqa_repeat})",
     )
-    budget.add_argument("--batch-size", type=int, help="MLLM batch size")
+    budget.add_argument(
+        "--batch-size", type=int, help="MLLM batch of both stages (the two flags below override it)"
+    )
+    budget.add_argument(
+        "--stage1-batch-size", type=int, help=f"MLLM stage 1 batch (default {DemoSettings.stage1_batch_size})"
+    )
+    budget.add_argument(
+        "--stage2-batch-size",
+        type=int,
+        help=f"MLLM stage 2 batch (default {DemoSettings.stage2_batch_size}, the long budget 16)",
+    )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(
         "--eval-limit", type=int, help="samples per evaluation task (and questions per VQA curve point)"

@@ -22,7 +22,7 @@ from data_recipes.atomic_io import atomic_write_json
 
 @dataclass
 class DemoSettings:
-    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (24.3 minutes from a fresh clone,
+    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (20.7 minutes from a fresh clone,
     install included, measured on the development machine)."""
 
     scenes: int = 12000
@@ -34,10 +34,13 @@ class DemoSettings:
     tokenizer_steps: int | None = None  # None: the tokenizer trainer's own default
     text_vocab_size: int = 1024
     stage1_steps: int = 150
-    stage2_steps: int = 700
+    stage2_steps: int = 1400
     # Stage 2 lists the train split's multi-turn VQA conversations this many times (1: once, as every other record).
     vqa_repeat: int = 1
-    batch_size: int = 16
+    # MLLM batch per stage. Stage 2 at batch 8 x 1,400 steps costs what 16 x 700 did and read 2.7-3.8 points more
+    # VQA in two same-stage-1 pairs (README "Where the default's MLLM minutes go").
+    stage1_batch_size: int = 16
+    stage2_batch_size: int = 8
     eval_vqa: int = 400
     eval_captions: int = 100
     eval_chat: int = 150
@@ -46,10 +49,14 @@ class DemoSettings:
     threads: int = 2
     # VQA on the validation split every `curve_every` stage-2 steps (0: off): accuracy against MLLM training
     # minutes (`eval.learning_curve`), in REPORT.md as a table and a plot.
-    curve_every: int = 350
+    curve_every: int = 700
     curve_questions: int = 200
 
     def __post_init__(self):
+        for name in ("stage1_batch_size", "stage2_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DemoSettings.{name}: expected an integer >= 1, got {value!r}")
         if isinstance(self.vqa_repeat, bool) or not isinstance(self.vqa_repeat, int) or self.vqa_repeat < 1:
             raise ValueError(f"DemoSettings.vqa_repeat: expected an integer >= 1, got {self.vqa_repeat!r}")
         weight = self.teacher_dense_loss_weight
@@ -60,12 +67,17 @@ class DemoSettings:
 
 
 # Named budgets (`dualtoken demo --budget NAME`); explicit budget flags override them. "long" gives the MLLM's
-# stage 2 about seven times the default steps, with its VQA curve, and a teacher trained with the per-patch class
-# loss, whose codes carry shape (at the default budget they cost colour reading; at 5,000 steps they pay, README
-# "What more MLLM training buys").
+# stage 2 about seven times the default's examples (5,000 steps x 16 against 1,400 x 8), with its VQA curve, and a
+# teacher trained with the per-patch class loss, whose codes carry shape (at the default budget they cost colour
+# reading; at 5,000 steps they pay, README "What more MLLM training buys").
 BUDGETS: dict[str, dict] = {
     "default": {},
-    "long": {"stage2_steps": 5000, "curve_every": 500, "teacher_dense_loss_weight": 1.0},
+    "long": {
+        "stage2_steps": 5000,
+        "stage2_batch_size": 16,
+        "curve_every": 500,
+        "teacher_dense_loss_weight": 1.0,
+    },
 }
 
 
@@ -227,6 +239,7 @@ def _train_mllm(
     config: str,
     output: Path,
     steps: int,
+    batch_size: int,
     extra: list[str],
     callbacks: list | None = None,
     llava_files: list[Path] | None = None,
@@ -251,7 +264,7 @@ def _train_mllm(
         "--code_store", str(ctx.path("codes") / "train"),
         "--output_dir", str(output),
         "--max_steps", str(steps),
-        "--per_device_train_batch_size", str(ctx.settings.batch_size),
+        "--per_device_train_batch_size", str(batch_size),
         "--seed", str(ctx.settings.seed),
         *extra,
     ]  # fmt: skip
@@ -301,7 +314,12 @@ def _stage2_llava_files(ctx: DemoContext) -> list[Path]:
 
 def stage_mllm_stage1(ctx: DemoContext) -> dict:
     return _train_mllm(
-        ctx, "tiny_stage1.yaml", ctx.path("mllm_stage1"), ctx.settings.stage1_steps, _stage1_args(ctx)
+        ctx,
+        "tiny_stage1.yaml",
+        ctx.path("mllm_stage1"),
+        ctx.settings.stage1_steps,
+        ctx.settings.stage1_batch_size,
+        _stage1_args(ctx),
     )
 
 
@@ -330,7 +348,14 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
             )
         )
     summary = _train_mllm(
-        ctx, "tiny_stage2.yaml", ctx.path("mllm"), s.stage2_steps, extra, callbacks, _stage2_llava_files(ctx)
+        ctx,
+        "tiny_stage2.yaml",
+        ctx.path("mllm"),
+        s.stage2_steps,
+        s.stage2_batch_size,
+        extra,
+        callbacks,
+        _stage2_llava_files(ctx),
     )
     if s.curve_every:
         summary["vqa_curve"] = [
@@ -401,12 +426,20 @@ def _mllm_ablation(ctx: DemoContext, name: str, model_overrides: dict, evaluate:
 
     root = ctx.path("ablations") / name
     s = ctx.settings
-    _train_mllm(ctx, "tiny_stage1.yaml", root / "stage1", s.stage1_steps, _stage1_args(ctx, model_overrides))
+    _train_mllm(
+        ctx,
+        "tiny_stage1.yaml",
+        root / "stage1",
+        s.stage1_steps,
+        s.stage1_batch_size,
+        _stage1_args(ctx, model_overrides),
+    )
     _train_mllm(
         ctx,
         "tiny_stage2.yaml",
         root / "mllm",
         s.stage2_steps,
+        s.stage2_batch_size,
         ["--model_name_or_path", str(root / "stage1")],
         llava_files=_stage2_llava_files(ctx),
     )

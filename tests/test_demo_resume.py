@@ -107,7 +107,8 @@ def test_a_demo_killed_in_each_training_stage_continues_each_from_its_checkpoint
         probe_steps=20,
         stage1_steps=3,
         stage2_steps=3,
-        batch_size=4,
+        stage1_batch_size=4,
+        stage2_batch_size=4,
         threads=1,
     )
     _run(tmp_path / "whole", settings)

@@ -1,5 +1,6 @@
 """The demo's budget settings: the VQA conversations listed `vqa_repeat` times in stage 2, the teacher's dense-loss
-weight passed to the teacher stage (1 in the long budget), bad settings refused before anything is written."""
+weight passed to the teacher stage (1 in the long budget), each MLLM stage trained at its own batch size, bad settings
+refused before anything is written."""
 
 from __future__ import annotations
 
@@ -71,3 +72,41 @@ def test_the_teacher_stage_trains_with_the_budgets_dense_loss_weight(tmp_path, m
             DemoSettings(teacher_dense_loss_weight=bad)
     assert main(["demo", "--out", str(tmp_path / "run"), "--teacher-dense-loss-weight", "-0.5"]) == 2
     assert "DemoSettings.teacher_dense_loss_weight" in capsys.readouterr().err
+
+
+def test_each_mllm_stage_trains_at_its_own_batch_size(tmp_path, monkeypatch):
+    import train.mllm_train as mllm_train
+    from eval import demo
+
+    batches = []
+
+    def fake_main(argv, callbacks=None):
+        batches.append(int(argv[argv.index("--per_device_train_batch_size") + 1]))
+        raise RuntimeError("stop after the arguments")
+
+    monkeypatch.setattr(mllm_train, "main", fake_main)
+    _write_split(tmp_path, RECORDS)
+    ctx = DemoContext(tmp_path, DemoSettings(stage1_batch_size=12, stage2_batch_size=5, curve_every=0))
+    for stage in (demo.stage_mllm_stage1, demo.stage_mllm_stage2):
+        with pytest.raises(RuntimeError, match="stop after the arguments"):
+            stage(ctx)
+    assert batches == [12, 5]
+    assert (DemoSettings().stage1_batch_size, DemoSettings().stage2_batch_size) == (16, 8)
+    assert demo.BUDGETS["long"]["stage2_batch_size"] == 16
+    for bad in (0, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="stage2_batch_size"):
+            DemoSettings(stage2_batch_size=bad)
+
+
+def test_the_cli_batch_flag_sets_both_stages_and_a_stage_flag_overrides_it(tmp_path, monkeypatch, capsys):
+    import eval.cli as cli
+
+    settings = []
+    monkeypatch.setattr(cli, "run_demo", lambda out, s, **kwargs: settings.append(s))
+    out = str(tmp_path / "run")
+    assert main(["demo", "--out", out, "--batch-size", "4"]) == 0
+    assert main(["demo", "--out", out, "--batch-size", "4", "--stage2-batch-size", "6"]) == 0
+    assert main(["demo", "--out", out, "--budget", "long"]) == 0
+    assert [(s.stage1_batch_size, s.stage2_batch_size) for s in settings] == [(4, 4), (4, 6), (16, 16)]
+    assert main(["demo", "--out", out, "--stage1-batch-size", "0"]) == 2
+    assert "DemoSettings.stage1_batch_size" in capsys.readouterr().err
