@@ -488,7 +488,8 @@ STAGES: list[Stage] = [
     Stage("validate", "validate every file of the dataset", stage_validate),
     Stage(
         "teacher",
-        "train the tiny SigLIP teacher (sigmoid loss on captions) and score it zero-shot",
+        "train the tiny SigLIP teacher (sigmoid loss on captions; the long budget adds a per-patch class loss) and "
+        "score it zero-shot",
         stage_teacher,
     ),
     Stage(
