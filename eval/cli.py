@@ -223,7 +223,7 @@ def register(subparsers) -> None:
         choices=sorted(BUDGETS),
         default="default",
         help="named budget: default (what `make demo` runs) or long (stage 2 sees seven times the examples, and a teacher with "
-        "the per-patch class loss, about an hour in all on 2 cores, with its VQA-against-minutes curve); the flags "
+        "the per-patch class loss, about 50 minutes in all on 2 cores, with its VQA-against-minutes curve); the flags "
         "below override it",
     )
     budget.add_argument("--teacher-steps", type=int)
@@ -250,7 +250,7 @@ def register(subparsers) -> None:
     budget.add_argument(
         "--stage2-batch-size",
         type=int,
-        help=f"MLLM stage 2 batch (default {DemoSettings.stage2_batch_size}, the long budget 16)",
+        help=f"MLLM stage 2 batch (default {DemoSettings.stage2_batch_size})",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(
