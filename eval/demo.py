@@ -53,12 +53,10 @@ class DemoSettings:
     curve_questions: int = 200
 
     def __post_init__(self):
-        for name in ("stage1_batch_size", "stage2_batch_size"):
+        for name in ("stage1_batch_size", "stage2_batch_size", "vqa_repeat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoSettings.{name}: expected an integer >= 1, got {value!r}")
-        if isinstance(self.vqa_repeat, bool) or not isinstance(self.vqa_repeat, int) or self.vqa_repeat < 1:
-            raise ValueError(f"DemoSettings.vqa_repeat: expected an integer >= 1, got {self.vqa_repeat!r}")
         weight = self.teacher_dense_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
