@@ -39,6 +39,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ladder_training import reinit  # noqa: E402
+
 from mllm.cell_embedding import CodeMLP, grid_sincos  # noqa: E402
 from mllm.depth_head import DepthHead  # noqa: E402
 from mllm.presets import tiny_text_config  # noqa: E402
@@ -128,13 +130,16 @@ class GPTBody(nn.Module):
 class QwenBody(nn.Module):
     """The tiny preset's Qwen2 body (its final RMSNorm included)."""
 
-    def __init__(self):
+    def __init__(self, init_std: float | None = None, reinit_pairs: list[str] | None = None):
         super().__init__()
         from transformers import Qwen2Config, Qwen2Model
 
         config = tiny_text_config(vocab_size=VOCAB)
+        if init_std is not None:  # --llm-init: the body's initializer_range instead of the preset's
+            config["initializer_range"] = init_std
         config.pop("model_type")
         self.model = Qwen2Model(Qwen2Config(**config))
+        reinit(self.model, reinit_pairs or [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(inputs_embeds=x).last_hidden_state
@@ -153,11 +158,13 @@ class Generator(nn.Module):
         init: str = "default",
         code_prior: bool = False,
         objects_as: str = "slot",
+        llm_init: float | None = None,
+        llm_reinit: list[str] | None = None,
     ):
         super().__init__()
         self.depth, self.codebook = depth, codebook
         width = 256
-        self.body = GPTBody(width) if llm == "gpt" else QwenBody()
+        self.body = GPTBody(width) if llm == "gpt" else QwenBody(llm_init, llm_reinit)
         self.embed = nn.Embedding(VOCAB, width)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.cells, self.head_kind = cells, head
@@ -258,6 +265,16 @@ def main() -> None:
         help="the depth head starts at the code frequencies (DepthHead.set_code_prior, as training does)",
     )
     parser.add_argument("--objects", choices=("slot", "patches"), default="slot")
+    parser.add_argument(
+        "--llm-init", type=float, default=None, help="the Qwen2 body's initializer_range (preset: 0.02)"
+    )
+    parser.add_argument(
+        "--llm-reinit",
+        nargs="*",
+        default=[],
+        metavar="NAMES=STD",
+        help="then redraw the body's matrices whose names hold NAMES from N(0, STD), e.g. q_proj,k_proj=0.1",
+    )
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -280,6 +297,8 @@ def main() -> None:
         args.init,
         args.code_prior,
         args.objects,
+        args.llm_init,
+        args.llm_reinit,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -54,7 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ladder_training import optimizer_and_schedule, optimizer_step  # noqa: E402
+from ladder_training import optimizer_and_schedule, optimizer_step, reinit  # noqa: E402
 
 from mllm.cell_embedding import CodeMLP, grid_sincos  # noqa: E402
 from mllm.presets import tiny_text_config  # noqa: E402
@@ -276,6 +276,7 @@ def run_project(args) -> None:
         raise SystemExit("--question-loss runs with --template bare")
     text = ProjectText(args.text_tokenizer, args.template, args.objects, args.echo)
     model = ProjectTextModel(text.vocab, text.img, parse_llm_overrides(args.llm))
+    reinit(model.llm, args.init)
     train_rng, eval_rng = random.Random(1), random.Random(2)
     held = text.draw(1000, eval_rng)  # scored on the answer tokens only
     start = time.perf_counter()
@@ -359,6 +360,14 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="tiny Qwen2 config overrides, e.g. num_hidden_layers=8 hidden_size=128",
     )
+    parser.add_argument(
+        "--init",
+        nargs="*",
+        default=[],
+        metavar="NAMES=STD",
+        help="redraw the LLM's weight matrices whose names hold NAMES (comma-separated) from N(0, STD), "
+        "e.g. q_proj,k_proj=0.1",
+    )
     parser.add_argument("--text-tokenizer", type=Path, default=Path("runs/demo/text_tokenizer"))
     args = parser.parse_args()
     if args.steps < 1 or args.threads < 1 or args.warmup < 1:
@@ -373,6 +382,7 @@ def main() -> None:
         run_project(args)
         return
     model = LookupModel(args.input, args.position_rms, args.question_first, parse_llm_overrides(args.llm))
+    reinit(model.llm, args.init)
     opt, sched = optimizer_and_schedule(model, args)
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)

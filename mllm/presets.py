@@ -15,7 +15,8 @@ PRESETS = ("tiny", "paper")
 
 
 def tiny_text_config(vocab_size: int = 1024, **overrides: Any) -> dict:
-    """A 4-layer, 256-wide Qwen2 (about 3M parameters besides the embeddings); embeddings are resized later."""
+    """A 4-layer, 256-wide Qwen2 (about 3M parameters besides the embeddings), weights at std 0.1; embeddings are
+    resized later."""
     config = {
         "model_type": "qwen2",
         "vocab_size": vocab_size,
@@ -27,7 +28,11 @@ def tiny_text_config(vocab_size: int = 1024, **overrides: Any) -> dict:
         "max_position_embeddings": 2048,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "tie_word_embeddings": True,
-        "initializer_range": 0.02,
+        # Weights drawn at std 0.1, not HF's 0.02: attention logits then start with a spread of about 2.6 instead
+        # of 0.1 (256 * std^2 for RMS-normalised inputs), and a question's lookup across the image cells forms
+        # sooner. The long budget's validation VQA at step 7,000: 76.0% against 63.0%; the lookup calibration with
+        # one token between question and answer 73 against 52% (README "The LLM's starting scale").
+        "initializer_range": 0.1,
     }
     config.update(overrides)
     return config
