@@ -214,9 +214,7 @@ def register(subparsers) -> None:
     demo.add_argument("--scenes", type=int, default=DemoSettings.scenes, help="shapes-world scenes to render")
     demo.add_argument("--size", type=int, default=DemoSettings.image_size, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=DemoSettings.seed)
-    budget = demo.add_argument_group(
-        "budget (defaults: what `make demo` runs in about 21 minutes on 2 cores)"
-    )
+    budget = demo.add_argument_group("budget (defaults: what `make demo` runs in 21-25 minutes on 2 cores)")
     budget.add_argument(
         "--budget",
         choices=sorted(BUDGETS),

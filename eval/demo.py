@@ -22,7 +22,7 @@ from data_recipes.atomic_io import atomic_write_json
 
 @dataclass
 class DemoSettings:
-    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (20.7 minutes from a fresh clone,
+    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (20.7-24.4 minutes from a fresh clone,
     install included, measured on the development machine)."""
 
     scenes: int = 12000
