@@ -134,12 +134,11 @@ class QwenBody(nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2Model
 
-        config = tiny_text_config(vocab_size=VOCAB)
-        if init_std is not None:  # --llm-init: the body's initializer_range instead of the preset's
-            config["initializer_range"] = init_std
+        # --llm-init: the body's initializer_range instead of the preset's
+        config = tiny_text_config(VOCAB, **({} if init_std is None else {"initializer_range": init_std}))
         config.pop("model_type")
         self.model = Qwen2Model(Qwen2Config(**config))
-        reinit(self.model, reinit_pairs or [])
+        reinit(self.model, reinit_pairs or [], "--llm-reinit")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(inputs_embeds=x).last_hidden_state
@@ -266,7 +265,11 @@ def main() -> None:
     )
     parser.add_argument("--objects", choices=("slot", "patches"), default="slot")
     parser.add_argument(
-        "--llm-init", type=float, default=None, help="the Qwen2 body's initializer_range (preset: 0.02)"
+        "--llm-init",
+        type=float,
+        default=None,
+        help="the Qwen2 body's initializer_range (default: the tiny preset's, 0.1; "
+        "the README's ladder rows used 0.02)",
     )
     parser.add_argument(
         "--llm-reinit",

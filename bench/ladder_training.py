@@ -69,20 +69,24 @@ def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> No
     sched.step()
 
 
-def reinit(llm: torch.nn.Module, pairs: list[str]) -> None:
-    """`--init q_proj,k_proj=0.1` pairs: draw the weight matrices whose names hold any of the comma-separated
-    parts anew from N(0, std), after the model's own initialisation (which uses `initializer_range` for all)."""
+def reinit(llm: torch.nn.Module, pairs: list[str], flag: str = "--init") -> None:
+    """`q_proj,k_proj=0.1` pairs (given to `flag`): draw the weight matrices whose names hold any of the
+    comma-separated parts anew from N(0, std), after the model's own initialisation (`initializer_range` for all)."""
     for pair in pairs:
         keys, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--init: expected NAMES=STD, got {pair!r}")
+        try:
+            std = float(value) if sep else -1.0
+        except ValueError:
+            std = -1.0
+        if not keys or not std > 0:
+            raise SystemExit(f"{flag}: expected NAMES=STD with a standard deviation > 0, got {pair!r}")
         hit = [
             w
             for name, w in llm.named_parameters()
             if w.dim() == 2 and any(k in name for k in keys.split(","))
         ]
         if not hit:
-            raise SystemExit(f"--init: no weight matrix matches {keys!r}")
+            raise SystemExit(f"{flag}: no weight matrix matches {keys!r}")
         with torch.no_grad():
             for w in hit:
-                w.normal_(0.0, float(value))
+                w.normal_(0.0, std)
