@@ -55,6 +55,11 @@ class DualTokenMLLMConfig(PretrainedConfig):
         output_position_embedding: the same for output-image cells (its own table): the state that predicts cell
             i+1 reads that it sits at cell i from its input instead of counting from `<boi>` through RoPE, which a
             prompt of varying length makes harder.
+        llm_query_key_init_std: when the LLM is built from a config (random weights), draw its attention query and
+            key projections (`q_proj` / `k_proj`) at this std instead of the LLM's `initializer_range`; None keeps
+            it. Ignored for pretrained LLMs. The tiny preset draws everything else at 0.1, which speeds up the
+            lookup of a question in the image cells, and keeps these at 0.02, at which caption binding in
+            generation keeps its pace (README "The LLM's starting scale").
         depth_head_layers / depth_head_width / depth_head_heads: depth-transformer size (width and heads default
             to the LLM hidden size and head count); depth_head_mlp_ratio and depth_head_dropout as in a GPT block.
         projector_act: activation inside the 2-layer code MLPs.
@@ -80,6 +85,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
     input_cell_norm: bool = False
     image_position_embedding: bool = False
     output_position_embedding: bool = False
+    llm_query_key_init_std: float | None = None
     depth_head_layers: int = 3
     depth_head_width: int | None = None
     depth_head_heads: int | None = None
@@ -110,6 +116,11 @@ class DualTokenMLLMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DualTokenMLLMConfig.{name} must be a positive integer, got {value!r}")
+        std = self.llm_query_key_init_std
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
+            raise ValueError(
+                f"DualTokenMLLMConfig.llm_query_key_init_std must be a positive number or None, got {std!r}"
+            )
         hidden = self.text_config.hidden_size
         if hidden % 2:
             raise ValueError(

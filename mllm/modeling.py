@@ -194,6 +194,8 @@ class DualTokenMLLM(PreTrainedModel):
             model = cls.from_tokenizer(config, processor.image_tokenizer, language_model=llm)
         else:
             model = cls(config, language_model=llm)
+        if config.llm_query_key_init_std is not None and not isinstance(llm_dir_or_config, (str, os.PathLike)):
+            draw_query_key(model.language_model, config.llm_query_key_init_std)
         model.set_special_tokens(processor)
         if dtype is not None:
             model.to(dtype)
@@ -575,3 +577,21 @@ def default_attn_implementation(device: torch.device | str | None = None) -> str
     if on_cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+@torch.no_grad()
+def draw_query_key(llm: nn.Module, std: float) -> None:
+    """Draw the attention query and key projection weights (`q_proj` / `k_proj`, the Llama/Qwen naming) of a
+    freshly built LLM from N(0, std); their biases stay as the LLM initialised them."""
+    projections = [
+        module
+        for name, module in llm.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj")
+    ]
+    if not projections:
+        raise ValueError(
+            "DualTokenMLLMConfig.llm_query_key_init_std is set, but the LLM has no q_proj / k_proj linear layers "
+            f"({type(llm).__name__}); leave it None for this LLM"
+        )
+    for module in projections:
+        init.normal_(module.weight, mean=0.0, std=std)
