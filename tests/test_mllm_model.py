@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mllm_testing import build_micro, random_codes, train_text_tokenizer
+from mllm_testing import build_micro, micro_text_config, random_codes, train_text_tokenizer
 from transformers.cache_utils import DynamicCache
 
 from mllm.decoding import DecodeState, decode_step, stacked_heads
 from mllm.depth_head import DepthHead, StackedDepthHeads
+from mllm.modeling import DualTokenMLLM
+from mllm.processor import DualTokenProcessor
 from mllm.sampling import RowGenerators, cfg_mix
 from mllm.sequence import positions_from_mask
 
@@ -405,3 +407,27 @@ def test_code_priors_start_the_heads_at_the_code_frequencies(text_tokenizer):
         assert loss_after < entropy + 0.5 < loss_before  # the heads start at the data's frequencies
     with pytest.raises(ValueError, match=r"counts must be \(depth, codebook\)"):
         model.pixel_head.set_code_prior(counts[:, :-1])
+
+
+def test_query_key_init_std_draws_only_the_query_and_key_projections_of_a_fresh_llm(text_tokenizer, tmp_path):
+    def weight_std(model, part):
+        weights = [w for n, w in model.language_model.named_parameters() if f"{part}.weight" in n]
+        return torch.cat([w.flatten() for w in weights]).std().item()
+
+    text_config = {**micro_text_config("qwen2", len(text_tokenizer) + 8), "initializer_range": 0.1}
+    processor = DualTokenProcessor(text_tokenizer, grid_size=3, rq_depth=4)
+    fields = {"codebook_size": 64, "code_dim": 8, "grid_size": 3, "rq_depth": 4}
+    split = DualTokenMLLM.from_llm(text_config, processor, llm_query_key_init_std=0.02, **fields)
+    plain = DualTokenMLLM.from_llm(text_config, processor, **fields)
+    for part in ("q_proj", "k_proj"):
+        assert abs(weight_std(split, part) - 0.02) < 0.002
+        assert abs(weight_std(plain, part) - 0.1) < 0.01
+    for part in ("v_proj", "o_proj", "gate_proj", "down_proj"):
+        assert abs(weight_std(split, part) - 0.1) < 0.01
+    # A pretrained LLM keeps its weights: the field only applies to random initialisation.
+    plain.language_model.save_pretrained(tmp_path / "llm")
+    loaded = DualTokenMLLM.from_llm(tmp_path / "llm", processor, llm_query_key_init_std=0.02, **fields)
+    for part in ("q_proj", "k_proj"):
+        assert weight_std(loaded, part) == pytest.approx(weight_std(plain, part))
+    with pytest.raises(ValueError, match="llm_query_key_init_std must be a positive number"):
+        DualTokenMLLM.from_llm(text_config, processor, llm_query_key_init_std=-0.02, **fields)
