@@ -194,7 +194,8 @@ class DualTokenMLLM(PreTrainedModel):
             model = cls.from_tokenizer(config, processor.image_tokenizer, language_model=llm)
         else:
             model = cls(config, language_model=llm)
-        if config.llm_query_key_init_std is not None and not isinstance(llm_dir_or_config, (str, os.PathLike)):
+        fresh_llm = not isinstance(llm_dir_or_config, (str, os.PathLike))
+        if fresh_llm and config.llm_query_key_init_std is not None:
             draw_query_key(model.language_model, config.llm_query_key_init_std)
         model.set_special_tokens(processor)
         if dtype is not None:
