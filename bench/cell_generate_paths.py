@@ -138,7 +138,7 @@ class QwenBody(nn.Module):
         config = tiny_text_config(VOCAB, **({} if init_std is None else {"initializer_range": init_std}))
         config.pop("model_type")
         self.model = Qwen2Model(Qwen2Config(**config))
-        reinit(self.model, reinit_pairs or [], "--llm-reinit")
+        reinit(self.model, reinit_pairs or [], "--llm-reinit", own_std=init_std is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(inputs_embeds=x).last_hidden_state
@@ -268,8 +268,8 @@ def main() -> None:
         "--llm-init",
         type=float,
         default=None,
-        help="the Qwen2 body's initializer_range (default: the tiny preset's, 0.1; "
-        "the README's ladder rows used 0.02)",
+        help="the Qwen2 body's initializer_range for every matrix (default: the tiny preset's start, 0.1 with "
+        "the query and key projections at 0.02; the README's ladder rows used 0.02)",
     )
     parser.add_argument(
         "--llm-reinit",

@@ -276,7 +276,7 @@ def run_project(args) -> None:
         raise SystemExit("--question-loss runs with --template bare")
     text = ProjectText(args.text_tokenizer, args.template, args.objects, args.echo)
     model = ProjectTextModel(text.vocab, text.img, parse_llm_overrides(args.llm))
-    reinit(model.llm, args.init)
+    reinit(model.llm, args.init, own_std="initializer_range" in parse_llm_overrides(args.llm))
     train_rng, eval_rng = random.Random(1), random.Random(2)
     held = text.draw(1000, eval_rng)  # scored on the answer tokens only
     start = time.perf_counter()
@@ -382,7 +382,7 @@ def main() -> None:
         run_project(args)
         return
     model = LookupModel(args.input, args.position_rms, args.question_first, parse_llm_overrides(args.llm))
-    reinit(model.llm, args.init)
+    reinit(model.llm, args.init, own_std="initializer_range" in parse_llm_overrides(args.llm))
     opt, sched = optimizer_and_schedule(model, args)
     train_g, eval_g = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     eval_x, eval_y = draw(1000, eval_g, args.objects, args.filler)
