@@ -12,7 +12,7 @@ test prompts with the T2I scene-parser check, per category. Rungs differ in the 
   sem+pixel    pixel + semantic codes and both heads (the demo model's generator)
 
 Options: `--output-position` (a 2-D position embedding on output cells), `--depth-weights` (loss weight per
-residual depth, e.g. 1,0.3,0.1,0.1), `--steps`, `--batch`, `--lr`, `--caption-dropout` (the unconditional share for
+residual depth, e.g. 1,0.3,0.1,0.1), `--semantic-weight` (the semantic head's loss weight), `--steps`, `--batch`, `--lr`, `--caption-dropout` (the unconditional share for
 CFG), `--cfg`. Besides the T2I scores, every row reports the per-depth
 image losses of `eval.t2i_diagnostics` on the test prompts' own images (own vs shifted caption, zeroed LLM state).
 
@@ -118,6 +118,7 @@ def build(args, codes: Codes, text_tokenizer):
         codes.tokenizer,
         use_semantic_head=args.rung == "sem+pixel",
         output_position_embedding=args.output_position,
+        semantic_loss_weight=args.semantic_weight,
     )
     if codes.tokenizer is None:
         g = torch.Generator().manual_seed(args.seed)
@@ -128,16 +129,19 @@ def build(args, codes: Codes, text_tokenizer):
     return model, processor
 
 
-def weighted_image_loss(out, batch, weights: torch.Tensor, depth: int) -> torch.Tensor:
-    """Sum over heads of the per-depth cross-entropies weighted by `weights` (normalised to sum 1)."""
+def weighted_image_loss(
+    out, batch, weights: torch.Tensor, depth: int, semantic_weight: float = 1.0
+) -> torch.Tensor:
+    """Sum over heads of the per-depth cross-entropies weighted by `weights` (normalised to sum 1), the semantic
+    head's times `semantic_weight` (the model's `semantic_loss_weight`)."""
     total = 0.0
-    for name in ("pixel", "semantic"):
+    for name, head_weight in (("pixel", 1.0), ("semantic", semantic_weight)):
         logits = getattr(out, f"{name}_logits", None)
         if logits is None:
             continue
         targets = batch[f"{name}_codes"][batch["image_is_output"]].reshape(-1, depth).long()
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        total = total + (ce.view(targets.shape).mean(dim=0) * weights).sum()
+        total = total + head_weight * (ce.view(targets.shape).mean(dim=0) * weights).sum()
     return total
 
 
@@ -198,6 +202,13 @@ def main(argv=None) -> dict:
     p.add_argument("--text-tokenizer", type=Path, default=ROOT / "runs/demo/text_tokenizer")
     p.add_argument("--rung", choices=("oracle", "pixel", "sem+pixel"), default="oracle")
     p.add_argument("--depth-weights", default="1,1,1,1", help="loss weight per residual depth (normalised)")
+    p.add_argument(
+        "--semantic-weight",
+        type=float,
+        default=1.0,
+        help="weight of the semantic head's loss against the pixel head's (sem+pixel rung; the model's "
+        "semantic_loss_weight)",
+    )
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
         "--caption-share",
@@ -231,6 +242,8 @@ def main(argv=None) -> dict:
     add_training_args(p, steps=1000, batch=32, warmup=200)
     args = p.parse_args(argv)
     check_positive(p, args, ("eval_prompts",))
+    if not args.semantic_weight >= 0:
+        p.error(f"--semantic-weight must be >= 0, got {args.semantic_weight}")
     for name in ("caption_share", "caption_dropout"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
@@ -328,7 +341,7 @@ def main(argv=None) -> dict:
             )
         batch = processor.collate(examples)
         out = model(**batch)
-        loss = out.loss_text + weighted_image_loss(out, batch, weights, codes.depth)
+        loss = out.loss_text + weighted_image_loss(out, batch, weights, codes.depth, args.semantic_weight)
         optimizer_step(model, opt, sched, loss)
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.perf_counter() - t0:.0f}s", flush=True)
@@ -339,7 +352,7 @@ def main(argv=None) -> dict:
     if args.save:
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
-    row = {"rung": args.rung, "output_position": args.output_position, "depth_weights": args.depth_weights, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
+    row = {"rung": args.rung, "output_position": args.output_position, "depth_weights": args.depth_weights, "semantic_weight": args.semantic_weight, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "cfg": args.cfg, "temperature": args.temperature, "caption_dropout": args.caption_dropout, "train_s": round(train_s, 1),
            **final, "curve": curve}  # fmt: skip
     return report_row(args, row, [args.rung, args.depth_weights], final, ("overall", *T2I_TAGS))
