@@ -119,6 +119,7 @@ def build(args, codes: Codes, text_tokenizer):
         use_semantic_head=args.rung == "sem+pixel",
         output_position_embedding=args.output_position,
         semantic_loss_weight=args.semantic_weight,
+        output_semantic_dropout=args.semantic_dropout,
     )
     if codes.tokenizer is None:
         g = torch.Generator().manual_seed(args.seed)
@@ -209,6 +210,13 @@ def main(argv=None) -> dict:
         help="weight of the semantic head's loss against the pixel head's (sem+pixel rung; the model's "
         "semantic_loss_weight)",
     )
+    p.add_argument(
+        "--semantic-dropout",
+        type=float,
+        default=0.0,
+        help="zero the semantic half of an output image's cell inputs with this probability in training (1: "
+        "always, in drawing too; the model's output_semantic_dropout)",
+    )
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
         "--caption-share",
@@ -244,7 +252,7 @@ def main(argv=None) -> dict:
     check_positive(p, args, ("eval_prompts",))
     if not args.semantic_weight >= 0:
         p.error(f"--semantic-weight must be >= 0, got {args.semantic_weight}")
-    for name in ("caption_share", "caption_dropout"):
+    for name in ("caption_share", "caption_dropout", "semantic_dropout"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     needed = ("data", "text_tokenizer") + (("tokenizer", "codes") if args.rung != "oracle" else ())
@@ -352,7 +360,7 @@ def main(argv=None) -> dict:
     if args.save:
         model.save_pretrained(args.save)
         processor.save_pretrained(args.save)
-    row = {"rung": args.rung, "output_position": args.output_position, "depth_weights": args.depth_weights, "semantic_weight": args.semantic_weight, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
+    row = {"rung": args.rung, "output_position": args.output_position, "depth_weights": args.depth_weights, "semantic_weight": args.semantic_weight, "semantic_dropout": args.semantic_dropout, "caption_share": args.caption_share, "compact": args.compact, "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "cfg": args.cfg, "temperature": args.temperature, "caption_dropout": args.caption_dropout, "train_s": round(train_s, 1),
            **final, "curve": curve}  # fmt: skip
     return report_row(args, row, [args.rung, args.depth_weights], final, ("overall", *T2I_TAGS))

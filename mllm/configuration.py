@@ -55,6 +55,11 @@ class DualTokenMLLMConfig(PretrainedConfig):
         output_position_embedding: the same for output-image cells (its own table): the state that predicts cell
             i+1 reads that it sits at cell i from its input instead of counting from `<boi>` through RoPE, which a
             prompt of varying length makes harder.
+        output_semantic_dropout: in training, zero the semantic half of an output image's cell embeddings with this
+            probability (one draw per image); 1 zeroes it always, in decoding too, so the semantic codes are
+            predicted but never fed back. The semantic codes come from a deep layer that attends over the whole
+            image, so the first (background) cells' codes already tell what the scene holds; teacher-forced, the
+            model can draw from them instead of the caption.
         llm_query_key_init_std: when the LLM is built from a config (random weights), draw its attention query and
             key projections (`q_proj` / `k_proj`) at this std instead of the LLM's `initializer_range`; None keeps
             it. Ignored for pretrained LLMs. The tiny preset draws everything else at 0.1, which speeds up the
@@ -86,6 +91,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
     image_position_embedding: bool = False
     output_position_embedding: bool = False
     llm_query_key_init_std: float | None = None
+    output_semantic_dropout: float = 0.0
     depth_head_layers: int = 3
     depth_head_width: int | None = None
     depth_head_heads: int | None = None
@@ -116,6 +122,9 @@ class DualTokenMLLMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DualTokenMLLMConfig.{name} must be a positive integer, got {value!r}")
+        drop = self.output_semantic_dropout
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
+            raise ValueError(f"DualTokenMLLMConfig.output_semantic_dropout must lie in [0, 1], got {drop!r}")
         std = self.llm_query_key_init_std
         if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
             raise ValueError(

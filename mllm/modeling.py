@@ -312,6 +312,13 @@ class DualTokenMLLM(PreTrainedModel):
             semantic = self.semantic_projector(
                 self._code_sum(self.semantic_code_embedding, semantic_codes).to(dtype)
             )
+            drop = self.config.output_semantic_dropout
+            if drop >= 1.0:
+                semantic = torch.zeros_like(semantic)
+            elif drop > 0.0 and self.training and semantic.dim() == 3:
+                # One draw per output image: its whole semantic half is kept or zeroed.
+                keep = torch.rand(semantic.shape[0], 1, 1, device=semantic.device) >= drop
+                semantic = semantic * keep.to(semantic.dtype)
         out = torch.cat([pixel, semantic], dim=-1)
         if self.output_cell_position is None:
             return out

@@ -431,3 +431,30 @@ def test_query_key_init_std_draws_only_the_query_and_key_projections_of_a_fresh_
         assert weight_std(loaded, part) == pytest.approx(weight_std(plain, part))
     with pytest.raises(ValueError, match="llm_query_key_init_std must be a positive number"):
         DualTokenMLLM.from_llm(text_config, processor, llm_query_key_init_std=-0.02, **fields)
+
+
+def test_output_semantic_dropout_zeroes_whole_semantic_halves_of_output_images_in_training(text_tokenizer):
+    model, _ = build_micro(text_tokenizer, output_semantic_dropout=0.5)
+    width = model.config.hidden_size // 2
+
+    def half(embeds):  # the semantic half of output cell embeddings, less the cells' position embedding
+        return embeds[..., width:] - model.output_cell_position[:, width:]
+
+    grids = [random_codes(model, seed) for seed in range(32)]
+    pixel, semantic = torch.stack([g[0] for g in grids]), torch.stack([g[1] for g in grids])
+    outputs = torch.ones(len(grids), dtype=torch.bool)
+    with torch.no_grad():
+        assert (half(model.image_embeddings(pixel, semantic, outputs)).abs().sum(-1) > 0).all()  # eval: kept
+        model.train()
+        torch.manual_seed(0)
+        dropped = half(model.image_embeddings(pixel, semantic, outputs)).abs().sum(-1) == 0  # (images, cells)
+        model.eval()
+    assert (dropped.all(dim=1) | ~dropped.any(dim=1)).all()  # one draw per image
+    assert 6 <= int(dropped[:, 0].sum()) <= 26  # about half of 32 images
+    model.config.output_semantic_dropout = 1.0
+    with torch.no_grad():
+        assert (half(model.image_embeddings(pixel, semantic, outputs)) == 0).all()  # decoding too
+        understood = model.image_embeddings(pixel, semantic, ~outputs)
+    assert (understood[..., width:].abs().sum(-1) > 0).all()  # understanding inputs are never touched
+    with pytest.raises(ValueError, match=r"output_semantic_dropout must lie in \[0, 1\]"):
+        build_micro(text_tokenizer, output_semantic_dropout=1.5)
