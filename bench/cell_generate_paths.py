@@ -268,8 +268,8 @@ def main() -> None:
         "--llm-init",
         type=float,
         default=None,
-        help="the Qwen2 body's initializer_range for every matrix (default: the tiny preset's start, 0.1 with "
-        "the query and key projections at 0.02; the README's ladder rows used 0.02)",
+        help="the Qwen2 body's initializer_range for every matrix (default: the tiny preset's start, 0.1; "
+        "the README's ladder rows used 0.02)",
     )
     parser.add_argument(
         "--llm-reinit",

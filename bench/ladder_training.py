@@ -71,15 +71,17 @@ def optimizer_step(model: torch.nn.Module, opt, sched, loss: torch.Tensor) -> No
 
 def reinit(llm: torch.nn.Module, pairs: list[str], flag: str = "--init", own_std: bool = False) -> None:
     """Start a tiny-preset Qwen2 built from `tiny_text_config` as the preset does: its query and key projections
-    at the preset's `llm_query_key_init_std` (0.02; the rest at `initializer_range`, 0.1), unless `own_std` (the
-    caller set its own `initializer_range`, which then holds for every matrix, as in the README's older rows).
-    Then the `q_proj,k_proj=0.1` pairs (given to `flag`): draw the weight matrices whose names hold any of the
-    comma-separated parts anew from N(0, std)."""
-    if not own_std:
-        from mllm.modeling import draw_query_key
-        from mllm.presets import tiny_fields
+    at the preset's `llm_query_key_init_std` when it sets one (the rest at `initializer_range`), unless `own_std`
+    (the caller set its own `initializer_range`, which then holds for every matrix). Then the `q_proj,k_proj=0.1`
+    pairs (given to `flag`): draw the weight matrices whose names hold any of the comma-separated parts anew
+    from N(0, std)."""
+    from mllm.presets import tiny_fields
 
-        draw_query_key(llm, tiny_fields()["llm_query_key_init_std"])
+    preset_std = tiny_fields().get("llm_query_key_init_std")
+    if not own_std and preset_std is not None:
+        from mllm.modeling import draw_query_key
+
+        draw_query_key(llm, preset_std)
     for pair in pairs:
         keys, sep, value = pair.partition("=")
         try:
