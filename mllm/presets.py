@@ -63,6 +63,9 @@ def tiny_fields(**overrides: Any) -> dict[str, Any]:
         # 0.02 keeps the generation calibration's pace (36.5% of grids exact at step 250 against 6.5%), but the
         # long budget read 66.2% test VQA with it against 71.5% without, and the demo's generator stayed
         # caption-blind either way (README "The LLM's starting scale").
+        # No `output_semantic_dropout` yet: never feeding the semantic codes back makes the caption move the
+        # generation ladder's losses and speeds the demo's pixel head, but the default budget has too few
+        # text-to-image examples to show it in T2I (README "The semantic codes hand the scene to the generator").
     }
     fields.update(overrides)
     return fields
