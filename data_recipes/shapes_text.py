@@ -7,6 +7,7 @@ phrasings take a `random.Random`, so text is deterministic by seed.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -316,6 +317,47 @@ def strip_reference(question: str, reply: str) -> str:
     if text.lower().startswith(reference + " "):
         return text[len(reference) + 1 :].strip()
     return text
+
+
+QUESTION_FORMS: tuple[str, ...] = (
+    "color, named by place",
+    "color, named by shape",
+    "shape, named by place",
+    "shape, named by color",
+    "count, all shapes",
+    "count, of one shape",
+    "count, of one color",
+    "position, named by color + shape",
+    "position, named by shape",
+    "existence",
+)
+
+
+@functools.cache
+def _question_forms() -> dict[str, str]:
+    """Every question text the VQA templates below can write -> its form."""
+    places = POSITION_PHRASES.values()
+    pairs = [(color, shape) for color in COLOR_NAMES for shape in SHAPES]
+    texts = {
+        "color, named by place": [f"What color is the shape {p}?" for p in places],
+        "color, named by shape": [f"What color is the {shape}?" for shape in SHAPES],
+        "shape, named by place": [f"What shape is {p}?" for p in places],
+        "shape, named by color": [f"What shape is the {color} object?" for color in COLOR_NAMES],
+        "count, all shapes": ["How many shapes are there?"],
+        "count, of one shape": [f"How many {PLURALS[shape]} are there?" for shape in SHAPES],
+        "count, of one color": [f"How many {color} shapes are there?" for color in COLOR_NAMES],
+        "position, named by color + shape": [f"Where is the {color} {shape}?" for color, shape in pairs],
+        "position, named by shape": [f"Where is the {shape}?" for shape in SHAPES],
+        "existence": [f"Is there {with_article(f'{color} {shape}')}?" for color, shape in pairs],
+    }
+    return {text: form for form, questions in texts.items() for text in questions}
+
+
+def question_form(question: str) -> str | None:
+    """Which of this module's VQA templates wrote `question` (one of `QUESTION_FORMS`; None for any other text):
+    how the question names its object tells which lookups an answer needs ('What color is the shape in the top
+    left corner?' needs the place's cells, 'What color is the cross?' the cells that show a cross)."""
+    return _question_forms().get(question.strip())
 
 
 def vqa_items(

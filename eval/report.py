@@ -249,6 +249,22 @@ def _vqa_section(run: Path) -> list[str]:
             "is read from the image.",
             "",
         ]
+    forms = metrics["all"].get("per_question_form")
+    if forms:
+        shuffled = (control or {}).get("per_question_form", {})
+        lines += [
+            _table(
+                ("question form", "questions", "accuracy", "shuffled images"),
+                [
+                    (form, m["questions"], _pct(m["accuracy"]), _pct(shuffled.get(form, {}).get("accuracy")))
+                    for form, m in forms.items()
+                ],
+            ),
+            "",
+            "By how a question names its object: by place needs the cells at a place, by an attribute the cells "
+            "that show it; existence and filtered counts need both attributes of one object.",
+            "",
+        ]
     examples = _read_jsonl(run / "eval" / "vqa_predictions.jsonl", limit=8)
     if examples:
         lines += [

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data_recipes.atomic_io import atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
-from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX
+from data_recipes.shapes_text import QUESTION_FORMS, SHORT_ANSWER_SUFFIX, question_form
 
 SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
 
@@ -167,9 +167,16 @@ def run_vqa(
         )
         return list(log.rows.values())
 
+    truth = {
+        a["question_id"]: a
+        for a in json.loads(Path(annotations_json).read_text(encoding="utf-8"))["annotations"]
+    }
+    texts = {q["question_id"]: q["question"] for q in subset}
+
     def score(rows: list[dict]) -> dict[str, Any]:
         answers = {row["question_id"]: row["answer"] for row in rows}
-        return _vqa_summary(evaluate_vqa(answers, questions_json, annotations_json, subset=True))
+        result = evaluate_vqa(answers, questions_json, annotations_json, subset=True)
+        return {**_vqa_summary(result), "per_question_form": per_question_form(result, texts, truth)}
 
     rows = answer(subset, "vqa_predictions.jsonl", "vqa")
     metrics = {"all": score(rows)}
@@ -232,6 +239,27 @@ def _answer_vqa(
         bar.update(len(batch))
     bar.close()
     return log
+
+
+def per_question_form(
+    result: Mapping[str, Any], texts: Mapping[Any, str], truth: Mapping[Any, Mapping[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Accuracy per shapes-world question form (`data_recipes.shapes_text.question_form`; existence split by its
+    true answer): {form: {"questions": n, "accuracy": percent}}, in `QUESTION_FORMS` order; questions of no known
+    form (real VQAv2 text) are left out, so other datasets get an empty dict."""
+    scores: dict[tuple[int, str], list[float]] = {}
+    for qid, accuracy in result["per_question"].items():
+        form = question_form(texts.get(qid, ""))
+        if form is None:
+            continue
+        rank = QUESTION_FORMS.index(form)
+        if form == "existence":
+            form = f"existence, answer {truth[qid].get('multiple_choice_answer', '?')}"
+        scores.setdefault((rank, form), []).append(accuracy)
+    return {
+        form: {"questions": len(values), "accuracy": sum(values) / len(values)}
+        for (_, form), values in sorted(scores.items())
+    }
 
 
 def _vqa_summary(result: Mapping[str, Any]) -> dict[str, Any]:

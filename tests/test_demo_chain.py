@@ -37,6 +37,13 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     vqa = json.loads((out / "eval" / "vqa_metrics.json").read_text())
     assert vqa["all"]["num_questions"] == 4 and vqa["shuffled_images"]["num_questions"] == 4
     assert "| all, shuffled images (control) | 4 |" in report
+    # Each question's form, with its accuracy on real and on shuffled images.
+    forms = vqa["all"]["per_question_form"]
+    assert sum(f["questions"] for f in forms.values()) == 4
+    assert "| question form | questions | accuracy | shuffled images |" in report
+    for form, m in forms.items():
+        shuffled = vqa["shuffled_images"]["per_question_form"].get(form, {}).get("accuracy")
+        assert f"| {form} | {m['questions']} | {m['accuracy']:.1f} | " in report and shuffled is not None
     # VQA against training minutes: a point after each stage-2 step, on 4 validation questions, minutes counted
     # from the end of stage 1 onwards.
     stage1_minutes = json.loads((out / "stages" / "mllm_stage1.json").read_text())["seconds"] / 60

@@ -74,6 +74,8 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     # The metric is the official one applied to the logged answers: recompute it independently.
     assert metrics["all"]["overall"] == pytest.approx(_official_vqa(rows, split)["overall"])
     assert metrics["all"]["num_questions"] == 6
+    # Every shapes-world question lands in one question form.
+    assert sum(f["questions"] for f in metrics["all"]["per_question_form"].values()) == 6
     held = [r for r in rows if r["image_id"] in heldout]
     assert (metrics["heldout"] is None) == (not held)
     assert json.loads((tmp_path / "vqa_metrics.json").read_text())["all"]["num_questions"] == 6
@@ -143,6 +145,28 @@ def test_vqa_shuffled_image_control_shows_each_question_another_image_of_the_set
     # Resumed, nothing is asked again.
     tasks.run_vqa(model, processor, *args, shuffled_images=True)
     assert len(shown) == 12
+
+
+def test_per_question_form_averages_each_form_and_splits_existence_by_its_answer():
+    texts = {
+        1: "What color is the cross?",
+        2: "What color is the star?",
+        3: "Is there a red star?",
+        4: "Is there a blue circle?",
+        5: "What is the man holding?",
+        6: "What shape is in the center?",
+    }
+    truth = {1: {}, 2: {}, 3: {"multiple_choice_answer": "yes"}, 4: {"multiple_choice_answer": "no"}, 5: {}, 6: {}}
+    result = {"per_question": {1: 100.0, 2: 0.0, 3: 100.0, 4: 30.0, 5: 100.0, 6: 60.0}}
+    forms = tasks.per_question_form(result, texts, truth)
+    assert forms == {
+        "color, named by shape": {"questions": 2, "accuracy": 50.0},
+        "shape, named by place": {"questions": 1, "accuracy": 60.0},
+        "existence, answer no": {"questions": 1, "accuracy": 30.0},
+        "existence, answer yes": {"questions": 1, "accuracy": 100.0},
+    }
+    assert list(forms) == ["color, named by shape", "shape, named by place", "existence, answer no",
+                           "existence, answer yes"]  # fmt: skip
 
 
 def test_shuffled_image_pairing_is_a_derangement_of_the_images():

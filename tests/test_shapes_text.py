@@ -22,12 +22,14 @@ from data_recipes.shapes import (
 from data_recipes.shapes_prompts import make_prompt, prompt_satisfied, spec_pairs, validate_spec
 from data_recipes.shapes_text import (
     POSITION_PHRASES,
+    QUESTION_FORMS,
     TAGS,
     captions,
     chat,
     class_labels,
     distinct_vqa_items,
     echoed_answer,
+    question_form,
     question_reference,
     strip_reference,
     vqa_items,
@@ -105,6 +107,22 @@ def test_vqa_answers_are_correct_for_every_question_type():
         ("position", "other"),
         ("existence", "yes/no"),
     }
+
+
+def test_every_vqa_question_has_the_form_of_its_type_and_other_text_none():
+    rng = random.Random(2)
+    forms = set()
+    for _ in range(400):
+        for item in vqa_items(sample_scene(rng), rng):
+            form = question_form(item["question"])
+            assert form is not None and form.split(",")[0] == item["question_type"], item
+            forms.add(form)
+    assert forms == set(QUESTION_FORMS)
+    assert question_form("What shape is the red object?") == "shape, named by color"
+    assert question_form("What color is the shape in the top left corner?") == "color, named by place"
+    assert question_form("What color is the cross?") == "color, named by shape"
+    assert question_form("What is the man holding?") is None
+    assert question_form("What shape is the mauve object?") is None
 
 
 def test_dense_vqa_keeps_existence_answers_balanced():
