@@ -156,7 +156,14 @@ def test_per_question_form_averages_each_form_and_splits_existence_by_its_answer
         5: "What is the man holding?",
         6: "What shape is in the center?",
     }
-    truth = {1: {}, 2: {}, 3: {"multiple_choice_answer": "yes"}, 4: {"multiple_choice_answer": "no"}, 5: {}, 6: {}}
+    truth = {
+        1: {},
+        2: {},
+        3: {"multiple_choice_answer": "yes"},
+        4: {"multiple_choice_answer": "no"},
+        5: {},
+        6: {},
+    }
     result = {"per_question": {1: 100.0, 2: 0.0, 3: 100.0, 4: 30.0, 5: 100.0, 6: 60.0}}
     forms = tasks.per_question_form(result, texts, truth)
     assert forms == {
