@@ -4,6 +4,8 @@ rebuilt from codes that a generator could produce:
   real                 the test images themselves (the parser's own ceiling: 100%)
   depths 0..k-1        reconstructions from the first k residual depths of their pixel codes (k = D: the plain
                        reconstruction, the ceiling that `dualtoken eval t2i --reference` reports)
+  depths 0..k-1 > D    more residual depths than the tokenizer uses, from the same shared codebook
+  pre-quantization     the continuous pixel latent itself through the same decoder: what the codes cost
   lookup: mode         every cell gets, per depth, the code most often seen on the train split for what the cell
                        shows (`data_recipes.cell_truth` class) at that place: a generator that knows each cell's
                        content and place exactly but draws cells independently
@@ -144,11 +146,37 @@ def main(argv=None) -> list[dict]:
             rows.append(row(f"depths 0..{k - 1}", specs, images))
         truths = [Scene.from_dict(test[s["image_id"]]["scene"]) for s in specs]
         errors = object_errors(truths, images)
+        # Where the reconstruction loses detail: more residual depths of the same (shared) codebook, and the
+        # pre-quantization latent itself, through the same decoder.
+        latent, _ = tokenizer._tower_to_semantic_layer(
+            preprocess(real, image_size=int(tokenizer.config.image_size))
+        )
+        latent = tokenizer._to_grid(latent).float()
+        residual, total = latent.clone(), torch.zeros_like(latent)
+        for k in range(1, 2 * depth + 1):
+            step = quantizer.lookup(quantizer.nearest(residual))
+            residual, total = residual - step, total + step
+            if k > depth and k % 2 == 0:
+                images = [tensor_to_pil(x) for x in tokenizer._decode_latent(total)]
+                rows.append(row(f"depths 0..{k - 1} of the same codebook", specs, images))
+        images = [tensor_to_pil(x) for x in tokenizer._decode_latent(latent)]
+        rows.append(row("pre-quantization latent (no codes)", specs, images))
+        unquantized_errors = object_errors(truths, images)
         rows.append(row("lookup: mode", specs, [tensor_to_pil(x) for x in tokenizer.decode(mode[test_key])]))
         images = tokenizer._decode_latent(mean[test_key])
         rows.append(row("lookup: mean latent", specs, [tensor_to_pil(x) for x in images]))
     if args.log:
-        args.log.write_text(json.dumps({"rows": rows, "entropy": entropy, "object_errors": errors}, indent=1))
+        args.log.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "entropy": entropy,
+                    "object_errors": errors,
+                    "unquantized_errors": unquantized_errors,
+                },
+                indent=1,
+            )
+        )
     return rows
 
 
