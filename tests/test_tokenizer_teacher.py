@@ -11,12 +11,21 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, SiglipModel, SiglipVisionModel
 
-from data_recipes.cell_truth import object_class
-from data_recipes.shapes import ShapeObject
+from data_recipes.cell_truth import NUM_CELL_CLASSES, class_attributes, object_class
+from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, ShapeObject
 from data_recipes.shapes_dataset import write_shapes_dataset
 from mllm.cli_text_tokenizer import register
 from mllm.console import main
-from tokenizer.teacher import METRICS_NAME, TeacherSettings, patch_classes, train_teacher
+from tokenizer.teacher import (
+    DENSE_FACTORS,
+    METRICS_NAME,
+    TeacherSettings,
+    dense_classes,
+    dense_loss,
+    factor_targets,
+    patch_classes,
+    train_teacher,
+)
 from tokenizer.teacher_data import load_captions, to_pixel_values
 from tokenizer.teacher_zero_shot import (
     class_pairs,
@@ -87,6 +96,36 @@ def test_dense_loss_targets_every_patch_and_leaves_a_plain_siglip_directory(teac
     for bad in (-1.0, True, float("nan"), "1"):
         with pytest.raises(ValueError, match="dense_loss_weight"):
             TeacherSettings(dense_loss_weight=bad)
+
+
+def test_factorized_dense_head_reads_each_attribute_and_trains(dataset, tmp_path):
+    classes = torch.arange(NUM_CELL_CLASSES)
+    color, shape, size = factor_targets(classes)
+    assert int(color[0]) == int(shape[0]) == int(size[0]) == 0  # background in every head
+    for k in range(1, NUM_CELL_CLASSES):
+        attributes = (COLOR_NAMES[color[k] - 1], SHAPES[shape[k] - 1], SIZES[size[k] - 1])
+        assert attributes == class_attributes(k)
+    right = torch.cat(
+        [10 * torch.nn.functional.one_hot(t, n) for t, n in zip((color, shape, size), DENSE_FACTORS)], -1
+    )
+    assert torch.equal(dense_classes(right.float(), True), classes)
+    wrong = torch.cat(
+        [
+            10 * torch.nn.functional.one_hot((t + 1) % n, n)
+            for t, n in zip((color, shape, size), DENSE_FACTORS)
+        ],
+        -1,
+    )
+    assert dense_loss(right.float(), classes, True) < 0.01 < 5 < dense_loss(wrong.float(), classes, True)
+    # A wrong attribute makes the read class wrong; a background read in any head makes it background.
+    one_off = right.clone().float()
+    one_off[5, : DENSE_FACTORS[0]] = torch.nn.functional.one_hot(torch.tensor(0), DENSE_FACTORS[0]) * 10
+    assert int(dense_classes(one_off, True)[5]) == 0
+    settings = TeacherSettings(steps=20, **{**MICRO, "dense_factorized": True})
+    metrics = train_teacher(dataset, tmp_path / "teacher", settings, progress=False)
+    assert 0.0 <= metrics["dense_patch_accuracy"]["objects"] <= metrics["dense_patch_accuracy"]["all"] <= 1.0
+    with pytest.raises(ValueError, match="dense_factorized"):
+        TeacherSettings(dense_factorized=1)
 
 
 def test_directory_reloads_whole_model_and_vision_tower(teacher, dataset):

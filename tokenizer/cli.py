@@ -93,6 +93,13 @@ def register_teacher(tok_sub) -> None:
         help="weight of the per-patch class loss on the distilled layer (default: TeacherSettings.dense_loss_weight)",
     )
     parser.add_argument(
+        "--dense-factorized",
+        dest="dense_factorized",
+        action="store_const",
+        const=True,
+        help="the per-patch head as color, shape and size classifiers instead of one over every combination",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         dest="checkpoint_every",
         type=int,

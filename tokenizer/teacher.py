@@ -66,7 +66,7 @@ from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
 from data_recipes.atomic_io import atomic_write_text
 from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid
-from data_recipes.shapes import Scene
+from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, Scene
 from data_recipes.shapes_text import class_labels
 from tokenizer.teacher_checkpoint import (
     CHECKPOINTS,
@@ -120,6 +120,9 @@ class TeacherSettings:
     single_object_fraction: float | None = 0.5
     logit_lr_multiplier: float = 10.0
     dense_loss_weight: float = 0.0
+    # The dense head as three classifiers (color, shape, size; 0 = background for each) instead of one over every
+    # color x shape x size: a held-out color-shape pair then has targets in every head, not a class never trained.
+    dense_factorized: bool = False
     bf16: bool = False
     threads: int = 2
     log_every: int = 20
@@ -167,6 +170,10 @@ class TeacherSettings:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
                 f"TeacherSettings.dense_loss_weight: expected a weight >= 0, got {self.dense_loss_weight!r}"
+            )
+        if not isinstance(self.dense_factorized, bool):
+            raise ValueError(
+                f"TeacherSettings.dense_factorized: expected true or false, got {self.dense_factorized!r}"
             )
         if not self.lr > 0:
             raise ValueError(f"TeacherSettings.lr: expected a positive learning rate, got {self.lr!r}")
@@ -389,7 +396,8 @@ def train_teacher(
         cell_targets = None
         if settings.dense_loss_weight > 0:
             cell_targets = patch_classes(objects, settings)
-            model.dense_head = torch.nn.Linear(settings.vision_width, NUM_CELL_CLASSES)
+            outputs = sum(DENSE_FACTORS) if settings.dense_factorized else NUM_CELL_CLASSES
+            model.dense_head = torch.nn.Linear(settings.vision_width, outputs)
         optimizer = _optimizer(model, settings)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, settings))
         generator = torch.Generator().manual_seed(settings.seed)
@@ -446,8 +454,8 @@ def train_teacher(
                 loss = output.loss
                 if cell_targets is not None:
                     tokens = output.vision_model_output.hidden_states[dense_layer(settings)]
-                    dense = torch.nn.functional.cross_entropy(
-                        model.dense_head(tokens).flatten(0, 1).float(), cell_targets[batch].flatten()
+                    dense = dense_loss(
+                        model.dense_head(tokens), cell_targets[batch], settings.dense_factorized
                     )
                     loss = loss + settings.dense_loss_weight * dense
             optimizer.zero_grad(set_to_none=True)
@@ -555,6 +563,42 @@ def patch_classes(objects: Sequence[Sequence[dict]], settings: TeacherSettings) 
     )
 
 
+# Outputs of the factorized dense head: background + each color, background + each shape, background + each size.
+DENSE_FACTORS: tuple[int, int, int] = (1 + len(COLOR_NAMES), 1 + len(SHAPES), 1 + len(SIZES))
+
+
+def factor_targets(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cell classes (0 = background, else `object_class`) -> (color, shape, size) targets, each 0 for background
+    and 1 + the attribute's index otherwise."""
+    index = (classes - 1).clamp(min=0)
+    size = index % len(SIZES)
+    index = index // len(SIZES)
+    shape, color = index % len(SHAPES), index // len(SHAPES)
+    empty = classes == 0
+    return tuple(torch.where(empty, 0, part + 1) for part in (color, shape, size))
+
+
+def dense_loss(logits: torch.Tensor, classes: torch.Tensor, factorized: bool) -> torch.Tensor:
+    """Cross-entropy of the dense head's logits (..., outputs) against the cell classes (...): one softmax over
+    every class, or the mean of the color, shape and size heads' cross-entropies."""
+    logits = logits.flatten(0, -2).float()
+    if not factorized:
+        return torch.nn.functional.cross_entropy(logits, classes.flatten())
+    parts = logits.split(DENSE_FACTORS, dim=-1)
+    targets = factor_targets(classes.flatten())
+    return torch.stack([torch.nn.functional.cross_entropy(p, t) for p, t in zip(parts, targets)]).mean()
+
+
+def dense_classes(logits: torch.Tensor, factorized: bool) -> torch.Tensor:
+    """The cell class the dense head reads: the argmax, or for the factorized head the class of the three
+    attributes it reads (background when any of them reads background)."""
+    if not factorized:
+        return logits.argmax(-1)
+    color, shape, size = (p.argmax(-1) for p in logits.split(DENSE_FACTORS, dim=-1))
+    joint = 1 + ((color - 1) * len(SHAPES) + (shape - 1)) * len(SIZES) + (size - 1)
+    return torch.where((color == 0) | (shape == 0) | (size == 0), 0, joint)
+
+
 @torch.no_grad()
 def _dense_accuracy(
     model: SiglipModel, images: torch.Tensor, cell_targets: torch.Tensor, settings: TeacherSettings
@@ -564,7 +608,7 @@ def _dense_accuracy(
     model.eval()
     pixels, targets = to_pixel_values(images[:1024]), cell_targets[:1024]
     hidden = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
-    predicted = model.dense_head(hidden[dense_layer(settings)]).argmax(-1)
+    predicted = dense_classes(model.dense_head(hidden[dense_layer(settings)]), settings.dense_factorized)
     right, covered = predicted == targets, targets > 0
     return {"all": float(right.float().mean()), "objects": float(right[covered].float().mean())}
 
