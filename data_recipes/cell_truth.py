@@ -43,6 +43,24 @@ def class_attributes(cls: int) -> tuple[str, str, str]:
     return COLOR_NAMES[index // len(SHAPES)], SHAPES[index % len(SHAPES)], size
 
 
+def class_factors(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cell classes (any shape; 0 = background) -> (color, shape, size) index tensors, each 0 for background and
+    1 + the attribute's index otherwise: the tensor form of `class_attributes`."""
+    index = (classes - 1).clamp(min=0)
+    size = index % len(SIZES)
+    index = index // len(SIZES)
+    shape, color = index % len(SHAPES), index // len(SHAPES)
+    empty = classes == 0
+    return tuple(torch.where(empty, 0, part + 1) for part in (color, shape, size))
+
+
+def class_from_factors(color: torch.Tensor, shape: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """The inverse of `class_factors`: the cell class of 1-based attribute indices, background (0) wherever any of
+    them is 0; the tensor form of `object_class`."""
+    joint = 1 + ((color - 1) * len(SHAPES) + (shape - 1)) * len(SIZES) + (size - 1)
+    return torch.where((color == 0) | (shape == 0) | (size == 0), 0, joint)
+
+
 def cell_class_grid(scene: Scene, grid: int = 8, size: int = 64) -> torch.Tensor:
     """(grid, grid) cell classes: 0 background, else `object_class` of the object whose bounding box covers the
     cell's centre (with one pixel of slack)."""

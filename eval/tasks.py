@@ -154,7 +154,7 @@ def run_vqa(
     What a question type keeps there is what the question alone gives; the gap to the real images is what the
     model reads from the image.
     """
-    from eval.vqa_accuracy import evaluate_vqa
+    from eval.vqa_accuracy import _load_json, _records, evaluate_vqa
 
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
@@ -167,9 +167,10 @@ def run_vqa(
         )
         return list(log.rows.values())
 
+    # The true answers (existence forms split by them), read with the metric's own file checks.
+    annotations, name = _load_json(annotations_json, "annotations")
     truth = {
-        a["question_id"]: a
-        for a in json.loads(Path(annotations_json).read_text(encoding="utf-8"))["annotations"]
+        a.get("question_id"): a for a in _records(annotations, "annotations", name) if isinstance(a, Mapping)
     }
     texts = {q["question_id"]: q["question"] for q in subset}
 

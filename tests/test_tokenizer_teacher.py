@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer, SiglipModel, SiglipVisionModel
 
-from data_recipes.cell_truth import NUM_CELL_CLASSES, class_attributes, object_class
+from data_recipes.cell_truth import NUM_CELL_CLASSES, class_attributes, class_factors, object_class
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, ShapeObject
 from data_recipes.shapes_dataset import write_shapes_dataset
 from mllm.cli_text_tokenizer import register
@@ -22,7 +22,6 @@ from tokenizer.teacher import (
     TeacherSettings,
     dense_classes,
     dense_loss,
-    factor_targets,
     patch_classes,
     train_teacher,
 )
@@ -100,7 +99,7 @@ def test_dense_loss_targets_every_patch_and_leaves_a_plain_siglip_directory(teac
 
 def test_factorized_dense_head_reads_each_attribute_and_trains(dataset, tmp_path):
     classes = torch.arange(NUM_CELL_CLASSES)
-    color, shape, size = factor_targets(classes)
+    color, shape, size = class_factors(classes)
     assert int(color[0]) == int(shape[0]) == int(size[0]) == 0  # background in every head
     for k in range(1, NUM_CELL_CLASSES):
         attributes = (COLOR_NAMES[color[k] - 1], SHAPES[shape[k] - 1], SIZES[size[k] - 1])

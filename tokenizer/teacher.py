@@ -65,7 +65,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase, SiglipConfig, SiglipModel
 
 from data_recipes.atomic_io import atomic_write_text
-from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid
+from data_recipes.cell_truth import NUM_CELL_CLASSES, cell_class_grid, class_factors, class_from_factors
 from data_recipes.shapes import COLOR_NAMES, SHAPES, SIZES, Scene
 from data_recipes.shapes_text import class_labels
 from tokenizer.teacher_checkpoint import (
@@ -567,17 +567,6 @@ def patch_classes(objects: Sequence[Sequence[dict]], settings: TeacherSettings) 
 DENSE_FACTORS: tuple[int, int, int] = (1 + len(COLOR_NAMES), 1 + len(SHAPES), 1 + len(SIZES))
 
 
-def factor_targets(classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cell classes (0 = background, else `object_class`) -> (color, shape, size) targets, each 0 for background
-    and 1 + the attribute's index otherwise."""
-    index = (classes - 1).clamp(min=0)
-    size = index % len(SIZES)
-    index = index // len(SIZES)
-    shape, color = index % len(SHAPES), index // len(SHAPES)
-    empty = classes == 0
-    return tuple(torch.where(empty, 0, part + 1) for part in (color, shape, size))
-
-
 def dense_loss(logits: torch.Tensor, classes: torch.Tensor, factorized: bool) -> torch.Tensor:
     """Cross-entropy of the dense head's logits (..., outputs) against the cell classes (...): one softmax over
     every class, or the mean of the color, shape and size heads' cross-entropies."""
@@ -585,7 +574,7 @@ def dense_loss(logits: torch.Tensor, classes: torch.Tensor, factorized: bool) ->
     if not factorized:
         return torch.nn.functional.cross_entropy(logits, classes.flatten())
     parts = logits.split(DENSE_FACTORS, dim=-1)
-    targets = factor_targets(classes.flatten())
+    targets = class_factors(classes.flatten())
     return torch.stack([torch.nn.functional.cross_entropy(p, t) for p, t in zip(parts, targets)]).mean()
 
 
@@ -594,9 +583,7 @@ def dense_classes(logits: torch.Tensor, factorized: bool) -> torch.Tensor:
     attributes it reads (background when any of them reads background)."""
     if not factorized:
         return logits.argmax(-1)
-    color, shape, size = (p.argmax(-1) for p in logits.split(DENSE_FACTORS, dim=-1))
-    joint = 1 + ((color - 1) * len(SHAPES) + (shape - 1)) * len(SIZES) + (size - 1)
-    return torch.where((color == 0) | (shape == 0) | (size == 0), 0, joint)
+    return class_from_factors(*(p.argmax(-1) for p in logits.split(DENSE_FACTORS, dim=-1)))
 
 
 @torch.no_grad()
