@@ -62,9 +62,10 @@ def _print_metrics(metrics: dict) -> int:
 
 
 def _eval_vqa(args) -> int:
-    from eval.tasks import heldout_image_ids, run_vqa
+    from eval.tasks import heldout_image_ids, run_vqa, scene_objects
 
     heldout = heldout_image_ids(args.scenes) if args.scenes else None
+    objects = scene_objects(args.scenes) if args.scenes else None
     model, processor = _load(args)
     return _print_metrics(
         run_vqa(
@@ -78,6 +79,7 @@ def _eval_vqa(args) -> int:
             image_pattern=args.image_pattern,
             heldout_images=heldout,
             shuffled_images=args.shuffled_images,
+            objects=objects,
         )
     )
 
@@ -157,7 +159,11 @@ def register_eval(subparsers) -> None:
     vqa.add_argument("--annotations", required=True, help="VQAv2 annotations JSON")
     vqa.add_argument("--image-root", required=True)
     vqa.add_argument("--image-pattern", default=SHAPES_IMAGE_PATTERN, help=pattern_help)
-    vqa.add_argument("--scenes", help="shapes-world scenes.jsonl: report held-out combinations separately")
+    vqa.add_argument(
+        "--scenes",
+        help="shapes-world scenes.jsonl: report held-out combinations separately and split wrong color and shape "
+        "answers into another object's and absent ones",
+    )
     vqa.add_argument(
         "--shuffled-images",
         action="store_true",

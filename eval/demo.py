@@ -358,13 +358,14 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
 
 
 def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:
-    from eval.tasks import EvalSettings, heldout_image_ids, run_vqa
+    from eval.tasks import EvalSettings, heldout_image_ids, run_vqa, scene_objects
 
     s, test = ctx.settings, ctx.data_dir / "test"
     return run_vqa(
         model, processor, test / "vqa_questions.json", test / "vqa_annotations.json", test / "images", out,
         EvalSettings(batch_size=32, limit=s.eval_vqa, max_new_tokens=8, seed=s.seed),
         heldout_images=heldout_image_ids(test / "scenes.jsonl"), shuffled_images=True,
+        objects=scene_objects(test / "scenes.jsonl"),
     )  # fmt: skip
 
 

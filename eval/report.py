@@ -254,15 +254,29 @@ def _vqa_section(run: Path) -> list[str]:
         shuffled = (control or {}).get("per_question_form", {})
         lines += [
             _table(
-                ("question form", "questions", "accuracy", "shuffled images"),
+                (
+                    "question form",
+                    "questions",
+                    "accuracy",
+                    "shuffled images",
+                    "wrong: another object's / absent",
+                ),
                 [
-                    (form, m["questions"], _pct(m["accuracy"]), _pct(shuffled.get(form, {}).get("accuracy")))
+                    (
+                        form,
+                        m["questions"],
+                        _pct(m["accuracy"]),
+                        _pct(shuffled.get(form, {}).get("accuracy")),
+                        f"{m['wrong_another_object']} / {m['wrong_absent']}" if "wrong_absent" in m else "",
+                    )
                     for form, m in forms.items()
                 ],
-            ),
+            ),  # fmt: skip
             "",
             "By how a question names its object: by place needs the cells at a place, by an attribute the cells "
-            "that show it; existence and filtered counts need both attributes of one object.",
+            "that show it; existence and filtered counts need both attributes of one object. The last column "
+            "splits wrong color and shape answers: another object's attribute (the model looked at the wrong "
+            "object) or one the image does not hold (it misread the object).",
             "",
         ]
     examples = _read_jsonl(run / "eval" / "vqa_predictions.jsonl", limit=8)

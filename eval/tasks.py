@@ -9,7 +9,8 @@ never recomputed), then scores the whole file with the metric modules (`eval.vqa
 Images are resolved as ``image_root / image_pattern.format(image_id=...)``; the default pattern is the
 shapes-world layout (``{image_id:07d}.png``), COCO uses ``COCO_val2014_{image_id:012d}.jpg``. Held-out attribute
 combinations are scored separately when the caller passes the held-out image ids (shapes world: `scenes.jsonl`).
-`run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set.
+`run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set;
+`objects=scene_objects(scenes.jsonl)` splits wrong color and shape answers into another object's and absent ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from data_recipes.atomic_io import atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
+from data_recipes.shapes import COLORS, SHAPES
 from data_recipes.shapes_text import QUESTION_FORMS, SHORT_ANSWER_SUFFIX, question_form
 
 SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
@@ -114,14 +116,23 @@ def pending_items(
 
 def heldout_image_ids(scenes_jsonl: str | os.PathLike) -> set[int]:
     """Image ids flagged `"heldout": true` in a shapes-world `scenes.jsonl`."""
-    ids = set()
+    return {image_id for image_id, row in _scene_rows(scenes_jsonl) if row.get("heldout")}
+
+
+def scene_objects(scenes_jsonl: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
+    """Image id -> its objects (color, shape, size, row, col) from a shapes-world `scenes.jsonl`."""
+    return {image_id: list(row["scene"]["objects"]) for image_id, row in _scene_rows(scenes_jsonl)}
+
+
+def _scene_rows(scenes_jsonl: str | os.PathLike) -> Iterable[tuple[int, dict[str, Any]]]:
     with open(scenes_jsonl, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                if row.get("heldout"):
-                    ids.add(int(row["image_id"]))
-    return ids
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or "image_id" not in row:
+                raise ValueError(f"{scenes_jsonl} line {number}: expected an object with 'image_id'")
+            yield int(row["image_id"]), row
 
 
 def _chat_settings(settings: EvalSettings, **overrides: Any):
@@ -146,8 +157,13 @@ def run_vqa(
     image_pattern: str = SHAPES_IMAGE_PATTERN,
     heldout_images: set[int] | None = None,
     shuffled_images: bool = False,
+    objects: Mapping[int, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Answer every VQAv2 question (short-answer prompt, greedy) and score with the official VQA accuracy.
+
+    `objects` (image id -> scene objects, `scene_objects`): the color and shape forms of `per_question_form` also
+    count how many wrong answers name another object of the image (the wrong object was read) and how many name
+    nothing in it (the attribute was misread).
 
     `shuffled_images`: also answer every question with another image of the evaluated set (`shuffled_image_ids`)
     into `vqa_shuffled_predictions.jsonl`, scored against the same annotations as `metrics["shuffled_images"]`.
@@ -174,10 +190,13 @@ def run_vqa(
     }
     texts = {q["question_id"]: q["question"] for q in subset}
 
-    def score(rows: list[dict]) -> dict[str, Any]:
+    def score(rows: list[dict], with_objects: bool = True) -> dict[str, Any]:
         answers = {row["question_id"]: row["answer"] for row in rows}
         result = evaluate_vqa(answers, questions_json, annotations_json, subset=True)
-        return {**_vqa_summary(result), "per_question_form": per_question_form(result, texts, truth)}
+        forms = per_question_form(result, texts, truth)
+        if objects is not None and with_objects:
+            add_attribute_errors(forms, rows, result, objects)
+        return {**_vqa_summary(result), "per_question_form": forms}
 
     rows = answer(subset, "vqa_predictions.jsonl", "vqa")
     metrics = {"all": score(rows)}
@@ -189,7 +208,7 @@ def run_vqa(
         other = shuffled_image_ids([q["image_id"] for q in subset])
         swapped = [{**q, "shown_image_id": other[q["image_id"]]} for q in subset]
         metrics["shuffled_images"] = score(
-            answer(swapped, "vqa_shuffled_predictions.jsonl", "vqa (shuffled images)")
+            answer(swapped, "vqa_shuffled_predictions.jsonl", "vqa (shuffled images)"), with_objects=False
         )
     atomic_write_json(out_dir / "vqa_metrics.json", metrics)
     return metrics
@@ -261,6 +280,34 @@ def per_question_form(
         form: {"questions": len(values), "accuracy": sum(values) / len(values)}
         for (_, form), values in sorted(scores.items())
     }
+
+
+def add_attribute_errors(
+    forms: dict[str, dict[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    result: Mapping[str, Any],
+    objects: Mapping[int, Sequence[Mapping[str, Any]]],
+) -> None:
+    """Split the wrong answers of the color and shape forms in `forms` (`per_question_form`) by what they name:
+    `wrong_another_object` (an attribute of another object of the image: the model looked at the wrong object)
+    and `wrong_absent` (nothing in the image: it misread what it looked at). A wrong answer that is neither, say a
+    sentence, counts in neither."""
+    for form, entry in forms.items():
+        if form.startswith(("color", "shape")):
+            entry.update(wrong_another_object=0, wrong_absent=0)
+    for row in rows:
+        form = question_form(row["question"])
+        attribute = (form or "").split(",")[0]
+        if attribute not in ("color", "shape") or result["per_question"].get(row["question_id"], 0.0) > 0.0:
+            continue
+        entry = forms[form]
+        said = row["answer"].strip().lower().rstrip(".")
+        kinds = {obj[attribute] for obj in objects.get(int(row["image_id"]), ())}
+        vocabulary = COLORS if attribute == "color" else SHAPES
+        if said in kinds:
+            entry["wrong_another_object"] += 1
+        elif said in vocabulary:
+            entry["wrong_absent"] += 1
 
 
 def _vqa_summary(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,7 +40,10 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     # Each question's form, with its accuracy on real and on shuffled images.
     forms = vqa["all"]["per_question_form"]
     assert sum(f["questions"] for f in forms.values()) == 4
-    assert "| question form | questions | accuracy | shuffled images |" in report
+    assert (
+        "| question form | questions | accuracy | shuffled images | wrong: another object's / absent |"
+        in report
+    )
     for form, m in forms.items():
         shuffled = vqa["shuffled_images"]["per_question_form"].get(form, {}).get("accuracy")
         assert f"| {form} | {m['questions']} | {m['accuracy']:.1f} | " in report and shuffled is not None

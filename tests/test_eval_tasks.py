@@ -67,6 +67,7 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
         tmp_path,
         settings,
         heldout_images=heldout,
+        objects=tasks.scene_objects(split / "scenes.jsonl"),
     )
     assert counter.calls == 6
     rows = [json.loads(line) for line in (tmp_path / "vqa_predictions.jsonl").read_text().splitlines()]
@@ -75,7 +76,13 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     assert metrics["all"]["overall"] == pytest.approx(_official_vqa(rows, split)["overall"])
     assert metrics["all"]["num_questions"] == 6
     # Every shapes-world question lands in one question form.
-    assert sum(f["questions"] for f in metrics["all"]["per_question_form"].values()) == 6
+    forms = metrics["all"]["per_question_form"]
+    assert sum(f["questions"] for f in forms.values()) == 6
+    # Color and shape forms split their wrong answers; the parts never exceed the wrong answers.
+    for form, m in forms.items():
+        if form.startswith(("color", "shape")) and m["accuracy"] < 100.0:
+            wrong = round(m["questions"] * (100.0 - m["accuracy"]) / 100.0)
+            assert 0 <= m["wrong_another_object"] + m["wrong_absent"] <= wrong
     held = [r for r in rows if r["image_id"] in heldout]
     assert (metrics["heldout"] is None) == (not held)
     assert json.loads((tmp_path / "vqa_metrics.json").read_text())["all"]["num_questions"] == 6
@@ -174,6 +181,42 @@ def test_per_question_form_averages_each_form_and_splits_existence_by_its_answer
     }
     assert list(forms) == ["color, named by shape", "shape, named by place", "existence, answer no",
                            "existence, answer yes"]  # fmt: skip
+
+
+def test_wrong_color_and_shape_answers_split_into_another_objects_and_absent(tmp_path):
+    scenes = tmp_path / "scenes.jsonl"
+    red_star = {"color": "red", "shape": "star", "size": "large", "row": 0, "col": 0}
+    blue_cross = {"color": "blue", "shape": "cross", "size": "small", "row": 2, "col": 2}
+    scenes.write_text(
+        json.dumps({"image_id": 7, "heldout": False, "scene": {"objects": [red_star, blue_cross]}})
+    )
+    objects = tasks.scene_objects(scenes)
+    assert objects == {7: [red_star, blue_cross]}
+    asked = [
+        ("What color is the star?", "Blue."),  # another object's color
+        ("What color is the cross?", "green"),  # a color the image does not hold
+        ("What color is the star?", "red"),  # right
+        ("What shape is the red object?", "circle"),
+        ("What shape is the blue object?", "a big one"),  # names no shape: counted in neither part
+        ("How many stars are there?", "2"),  # not a color or shape form
+    ]
+    rows = [
+        {"question_id": i, "image_id": 7, "question": q, "answer": a} for i, (q, a) in enumerate(asked, 1)
+    ]
+    result = {"per_question": {1: 0.0, 2: 0.0, 3: 100.0, 4: 0.0, 5: 0.0, 6: 0.0}}
+    texts = {r["question_id"]: r["question"] for r in rows}
+    forms = tasks.per_question_form(result, texts, {})
+    tasks.add_attribute_errors(forms, rows, result, objects)
+    assert forms["color, named by shape"] == {
+        "questions": 3, "accuracy": 100 / 3, "wrong_another_object": 1, "wrong_absent": 1
+    }  # fmt: skip
+    assert forms["shape, named by color"] == {
+        "questions": 2, "accuracy": 0.0, "wrong_another_object": 0, "wrong_absent": 1
+    }  # fmt: skip
+    assert "wrong_absent" not in forms["count, of one shape"]
+    scenes.write_text('{"heldout": true}\n')
+    with pytest.raises(ValueError, match="line 1: expected an object with 'image_id'"):
+        tasks.scene_objects(scenes)
 
 
 def test_shuffled_image_pairing_is_a_derangement_of_the_images():
