@@ -161,8 +161,8 @@ def register_eval(subparsers) -> None:
     vqa.add_argument("--image-pattern", default=SHAPES_IMAGE_PATTERN, help=pattern_help)
     vqa.add_argument(
         "--scenes",
-        help="shapes-world scenes.jsonl: report held-out combinations separately and split wrong color and shape "
-        "answers into another object's and absent ones",
+        help="shapes-world scenes.jsonl: report held-out combinations separately and split wrong color, shape and "
+        "position answers into another object's and absent ones",
     )
     vqa.add_argument(
         "--shuffled-images",

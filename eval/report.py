@@ -275,7 +275,7 @@ def _vqa_section(run: Path) -> list[str]:
             "",
             "By how a question names its object: by place needs the cells at a place, by an attribute the cells "
             "that show it; existence and filtered counts need both attributes of one object. The last column "
-            "splits wrong color and shape answers: another object's attribute (the model looked at the wrong "
+            "splits wrong color, shape and position answers: another object's (the model looked at the wrong "
             "object) or one the image does not hold (it misread the object).",
             "",
         ]

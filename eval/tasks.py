@@ -10,7 +10,8 @@ Images are resolved as ``image_root / image_pattern.format(image_id=...)``; the 
 shapes-world layout (``{image_id:07d}.png``), COCO uses ``COCO_val2014_{image_id:012d}.jpg``. Held-out attribute
 combinations are scored separately when the caller passes the held-out image ids (shapes world: `scenes.jsonl`).
 `run_vqa(..., shuffled_images=True)` adds a control that asks every question with another image of the set;
-`objects=scene_objects(scenes.jsonl)` splits wrong color and shape answers into another object's and absent ones.
+`objects=scene_objects(scenes.jsonl)` splits wrong color, shape and position answers into another object's and
+absent ones.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from data_recipes.atomic_io import atomic_write_json, atomic_write_text
 from data_recipes.image_io import load_image
-from data_recipes.shapes import COLORS, SHAPES
+from data_recipes.shapes import COLORS, POSITIONS, SHAPES
 from data_recipes.shapes_text import QUESTION_FORMS, SHORT_ANSWER_SUFFIX, question_form
 
 SHAPES_IMAGE_PATTERN = "{image_id:07d}.png"
@@ -161,9 +162,9 @@ def run_vqa(
 ) -> dict[str, Any]:
     """Answer every VQAv2 question (short-answer prompt, greedy) and score with the official VQA accuracy.
 
-    `objects` (image id -> scene objects, `scene_objects`): the color and shape forms of `per_question_form` also
-    count how many wrong answers name another object of the image (the wrong object was read) and how many name
-    nothing in it (the attribute was misread).
+    `objects` (image id -> scene objects, `scene_objects`): the color, shape and position forms of
+    `per_question_form` also count how many wrong answers name another object of the image (the wrong object was
+    read) and how many name nothing in it (the object was misread; `add_attribute_errors`).
 
     `shuffled_images`: also answer every question with another image of the evaluated set (`shuffled_image_ids`)
     into `vqa_shuffled_predictions.jsonl`, scored against the same annotations as `metrics["shuffled_images"]`.
@@ -288,26 +289,32 @@ def add_attribute_errors(
     result: Mapping[str, Any],
     objects: Mapping[int, Sequence[Mapping[str, Any]]],
 ) -> None:
-    """Split the wrong answers of the color and shape forms in `forms` (`per_question_form`) by what they name:
-    `wrong_another_object` (an attribute of another object of the image: the model looked at the wrong object)
-    and `wrong_absent` (nothing in the image: it misread what it looked at). A wrong answer that is neither, say a
-    sentence, counts in neither."""
+    """Split the wrong answers of the color, shape and position forms in `forms` (`per_question_form`) by what
+    they name: `wrong_another_object` (the color, shape or place of another object of the image: the model looked
+    at the wrong object) and `wrong_absent` (one the image does not hold: it misread the object, or named an empty
+    place). A wrong answer that is neither, say a sentence, counts in neither."""
     for form, entry in forms.items():
-        if form.startswith(("color", "shape")):
+        if form.split(",")[0] in _ANSWER_VOCABULARY:
             entry.update(wrong_another_object=0, wrong_absent=0)
     for row in rows:
         form = question_form(row["question"])
         attribute = (form or "").split(",")[0]
-        if attribute not in ("color", "shape") or result["per_question"].get(row["question_id"], 0.0) > 0.0:
+        if attribute not in _ANSWER_VOCABULARY or result["per_question"].get(row["question_id"], 0.0) > 0.0:
             continue
-        entry = forms[form]
         said = row["answer"].strip().lower().rstrip(".")
-        kinds = {obj[attribute] for obj in objects.get(int(row["image_id"]), ())}
-        vocabulary = COLORS if attribute == "color" else SHAPES
-        if said in kinds:
-            entry["wrong_another_object"] += 1
-        elif said in vocabulary:
-            entry["wrong_absent"] += 1
+        named = {_object_attribute(obj, attribute) for obj in objects.get(int(row["image_id"]), ())}
+        if said in named:
+            forms[form]["wrong_another_object"] += 1
+        elif said in _ANSWER_VOCABULARY[attribute]:
+            forms[form]["wrong_absent"] += 1
+
+
+# Every answer a color, shape or position question can have.
+_ANSWER_VOCABULARY = {"color": set(COLORS), "shape": set(SHAPES), "position": set(POSITIONS.values())}
+
+
+def _object_attribute(obj: Mapping[str, Any], attribute: str) -> str:
+    return POSITIONS[(obj["row"], obj["col"])] if attribute == "position" else obj[attribute]
 
 
 def _vqa_summary(result: Mapping[str, Any]) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def test_vqa_writes_per_sample_answers_scores_them_and_resumes(setup, tmp_path, 
     assert sum(f["questions"] for f in forms.values()) == 6
     # Color and shape forms split their wrong answers; the parts never exceed the wrong answers.
     for form, m in forms.items():
-        if form.startswith(("color", "shape")) and m["accuracy"] < 100.0:
+        if form.startswith(("color", "shape", "position")) and m["accuracy"] < 100.0:
             wrong = round(m["questions"] * (100.0 - m["accuracy"]) / 100.0)
             assert 0 <= m["wrong_another_object"] + m["wrong_absent"] <= wrong
     held = [r for r in rows if r["image_id"] in heldout]
@@ -198,12 +198,14 @@ def test_wrong_color_and_shape_answers_split_into_another_objects_and_absent(tmp
         ("What color is the star?", "red"),  # right
         ("What shape is the red object?", "circle"),
         ("What shape is the blue object?", "a big one"),  # names no shape: counted in neither part
-        ("How many stars are there?", "2"),  # not a color or shape form
+        ("How many stars are there?", "2"),  # not split
+        ("Where is the star?", "bottom right"),  # the cross's place
+        ("Where is the red star?", "center"),  # an empty place
     ]
     rows = [
         {"question_id": i, "image_id": 7, "question": q, "answer": a} for i, (q, a) in enumerate(asked, 1)
     ]
-    result = {"per_question": {1: 0.0, 2: 0.0, 3: 100.0, 4: 0.0, 5: 0.0, 6: 0.0}}
+    result = {"per_question": {1: 0.0, 2: 0.0, 3: 100.0, 4: 0.0, 5: 0.0, 6: 0.0, 7: 0.0, 8: 0.0}}
     texts = {r["question_id"]: r["question"] for r in rows}
     forms = tasks.per_question_form(result, texts, {})
     tasks.add_attribute_errors(forms, rows, result, objects)
@@ -213,6 +215,10 @@ def test_wrong_color_and_shape_answers_split_into_another_objects_and_absent(tmp
     assert forms["shape, named by color"] == {
         "questions": 2, "accuracy": 0.0, "wrong_another_object": 0, "wrong_absent": 1
     }  # fmt: skip
+    for form in ("position, named by shape", "position, named by color + shape"):
+        assert forms[form]["accuracy"] == 0.0
+    assert forms["position, named by shape"]["wrong_another_object"] == 1
+    assert forms["position, named by color + shape"]["wrong_absent"] == 1
     assert "wrong_absent" not in forms["count, of one shape"]
     scenes.write_text('{"heldout": true}\n')
     with pytest.raises(ValueError, match="line 1: expected an object with 'image_id'"):
