@@ -15,7 +15,7 @@ Selection shows as `on target` well above `target area`; a model that pools the 
 the direct attention of that one position is measured: a selection made earlier, at the question's words, and
 read from there would not show here. Cells
 belong to an object when its bounding box covers the cell centre (`data_recipes.cell_truth.cell_class_grid`).
-Rows are split by whether the greedy first answer token is right.
+Rows are split by whether the greedy first answer token is the true answer's first token.
 
     .venv/bin/python bench/selection_probe.py --model runs/long_init01/mllm --data runs/long_init01/data
 """
@@ -35,20 +35,19 @@ from data_recipes.cell_truth import cell_class_grid, class_attributes  # noqa: E
 from data_recipes.image_io import load_image  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
 from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, question_form  # noqa: E402
+from eval.tasks import scene_objects  # noqa: E402
+from eval.vqa_accuracy import _load_json, _records  # noqa: E402
 from mllm.checkpoint import load_checkpoint  # noqa: E402
 
 
 def color_questions(split: Path, limit: int) -> list[dict]:
     """Color questions on scenes of two or more objects, with the scene and the true answer."""
     questions = json.loads((split / "vqa_questions.json").read_text())["questions"]
-    annotations = json.loads((split / "vqa_annotations.json").read_text())
-    annotations = annotations["annotations"] if isinstance(annotations, dict) else annotations
-    truth = {a["question_id"]: a["multiple_choice_answer"] for a in annotations}
-    scenes = {}
-    for line in (split / "scenes.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            scenes[row["image_id"]] = Scene.from_dict(row["scene"])
+    annotations, name = _load_json(split / "vqa_annotations.json", "annotations")
+    truth = {
+        a["question_id"]: a["multiple_choice_answer"] for a in _records(annotations, "annotations", name)
+    }
+    scenes = {i: Scene.from_dict({"objects": o}) for i, o in scene_objects(split / "scenes.jsonl").items()}
     picked = []
     for q in questions:
         form = question_form(q["question"])
@@ -70,7 +69,8 @@ def probe(model, processor, split: Path, item: dict) -> dict:
     out = model.language_model(
         inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True
     )
-    said = processor.tokenizer.decode([int(out.logits[0, -1].argmax())]).strip().lower()
+    said = int(out.logits[0, -1].argmax())
+    first_true = processor.tokenizer(item["answer"], add_special_tokens=False)["input_ids"][0]
     cells = (ids[0] == model.config.img_token_id).nonzero().flatten()
     classes = cell_class_grid(item["scene"]).flatten()
     is_object = classes > 0
@@ -91,7 +91,7 @@ def probe(model, processor, split: Path, item: dict) -> dict:
                 "background": float((~is_object).float().mean()),
             }
         )
-    return {"right": said != "" and item["answer"].startswith(said), "layers": layers}
+    return {"right": said == first_true, "layers": layers}
 
 
 def main() -> int:

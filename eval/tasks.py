@@ -122,7 +122,13 @@ def heldout_image_ids(scenes_jsonl: str | os.PathLike) -> set[int]:
 
 def scene_objects(scenes_jsonl: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
     """Image id -> its objects (color, shape, size, row, col) from a shapes-world `scenes.jsonl`."""
-    return {image_id: list(row["scene"]["objects"]) for image_id, row in _scene_rows(scenes_jsonl)}
+    objects = {}
+    for image_id, row in _scene_rows(scenes_jsonl):
+        scene = row.get("scene")
+        if not isinstance(scene, dict) or not isinstance(scene.get("objects"), list):
+            raise ValueError(f"{scenes_jsonl} image {image_id}: expected 'scene' with a list of 'objects'")
+        objects[image_id] = list(scene["objects"])
+    return objects
 
 
 def _scene_rows(scenes_jsonl: str | os.PathLike) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -292,7 +298,10 @@ def add_attribute_errors(
     """Split the wrong answers of the color, shape and position forms in `forms` (`per_question_form`) by what
     they name: `wrong_another_object` (the color, shape or place of another object of the image: the model looked
     at the wrong object) and `wrong_absent` (one the image does not hold: it misread the object, or named an empty
-    place). A wrong answer that is neither, say a sentence, counts in neither."""
+    place). Answers are compared as the VQA metric normalizes them; a wrong answer that is neither, say a
+    sentence, counts in neither."""
+    from eval.vqa_accuracy import normalize_answer
+
     for form, entry in forms.items():
         if form.split(",")[0] in _ANSWER_VOCABULARY:
             entry.update(wrong_another_object=0, wrong_absent=0)
@@ -301,7 +310,7 @@ def add_attribute_errors(
         attribute = (form or "").split(",")[0]
         if attribute not in _ANSWER_VOCABULARY or result["per_question"].get(row["question_id"], 0.0) > 0.0:
             continue
-        said = row["answer"].strip().lower().rstrip(".")
+        said = normalize_answer(row["answer"])
         named = {_object_attribute(obj, attribute) for obj in objects.get(int(row["image_id"]), ())}
         if said in named:
             forms[form]["wrong_another_object"] += 1

@@ -220,6 +220,9 @@ def test_wrong_color_and_shape_answers_split_into_another_objects_and_absent(tmp
     assert forms["position, named by shape"]["wrong_another_object"] == 1
     assert forms["position, named by color + shape"]["wrong_absent"] == 1
     assert "wrong_absent" not in forms["count, of one shape"]
+    scenes.write_text('{"image_id": 3, "scene": {}}\n')
+    with pytest.raises(ValueError, match="image 3: expected 'scene' with a list of 'objects'"):
+        tasks.scene_objects(scenes)
     scenes.write_text('{"heldout": true}\n')
     with pytest.raises(ValueError, match="line 1: expected an object with 'image_id'"):
         tasks.scene_objects(scenes)
