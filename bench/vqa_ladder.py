@@ -303,6 +303,12 @@ def main(argv=None) -> dict:
         help="answers written after the question's reference words ('cross red'; scored on the part after them)",
     )
     p.add_argument("--eval-questions", type=int, default=600)
+    p.add_argument(
+        "--eval-seed",
+        type=int,
+        default=0,
+        help="seed of the test-question sample (fixed, so runs with different --seed are scored on the same questions)",
+    )
     add_training_args(p, steps=600, batch=16, warmup=100)
     args = p.parse_args(argv)
     check_positive(p, args, ("turns", "eval_questions"))
@@ -323,7 +329,9 @@ def main(argv=None) -> dict:
         a["question_id"]: a
         for a in json.loads((args.data / "test" / "vqa_annotations.json").read_text())["annotations"]
     }
-    pick = random.Random(args.seed).sample(range(len(questions)), min(args.eval_questions, len(questions)))
+    pick = random.Random(args.eval_seed).sample(
+        range(len(questions)), min(args.eval_questions, len(questions))
+    )
     questions = [questions[i] for i in sorted(pick)]
     heldout = {i for i, row in test_rows.items() if row.get("heldout")}
     suffix = "" if args.no_suffix else SHORT_ANSWER_SUFFIX
