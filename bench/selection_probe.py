@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_recipes.cell_truth import cell_class_grid, class_attributes  # noqa: E402
 from data_recipes.image_io import load_image  # noqa: E402
 from data_recipes.shapes import Scene  # noqa: E402
-from data_recipes.shapes_text import SHORT_ANSWER_SUFFIX, question_form  # noqa: E402
-from eval.tasks import scene_objects  # noqa: E402
+from data_recipes.shapes_text import question_form  # noqa: E402
+from eval.tasks import scene_objects, vqa_conversation  # noqa: E402
 from eval.vqa_accuracy import _load_json, _records  # noqa: E402
 from mllm.checkpoint import load_checkpoint  # noqa: E402
 
@@ -60,8 +60,7 @@ def color_questions(split: Path, limit: int) -> list[dict]:
 @torch.no_grad()
 def probe(model, processor, split: Path, item: dict) -> dict:
     image = load_image(split / "images" / f"{item['image_id']:07d}.png")
-    conversation = [{"role": "user", "content": "<image>\n" + item["question"] + SHORT_ANSWER_SUFFIX}]
-    batch = processor.collate([processor.inference_prompt(conversation, [image])])
+    batch = processor.collate([processor.inference_prompt(vqa_conversation(item["question"]), [image])])
     ids = batch["input_ids"]
     embeds = model.embed_inputs(
         ids, batch.get("pixel_codes"), batch.get("semantic_codes"), batch.get("image_is_output")

@@ -115,6 +115,11 @@ def pending_items(
     return [item for item in spread_subset(items, limit) if key(item) not in log]
 
 
+def vqa_conversation(question: str) -> list[dict[str, str]]:
+    """The one-turn conversation a VQA question is asked in: the image, the question, the short-answer instruction."""
+    return [{"role": "user", "content": "<image>\n" + question + SHORT_ANSWER_SUFFIX}]
+
+
 def heldout_image_ids(scenes_jsonl: str | os.PathLike) -> set[int]:
     """Image ids flagged `"heldout": true` in a shapes-world `scenes.jsonl`."""
     return {image_id for image_id, row in _scene_rows(scenes_jsonl) if row.get("heldout")}
@@ -249,9 +254,7 @@ def _answer_vqa(
     for batch in batched(todo, settings.batch_size):
         shown = [q.get("shown_image_id", q["image_id"]) for q in batch]
         images = [[load_image(Path(image_root) / image_pattern.format(image_id=i))] for i in shown]
-        conversations = [
-            [{"role": "user", "content": "<image>\n" + q["question"] + SHORT_ANSWER_SUFFIX}] for q in batch
-        ]
+        conversations = [vqa_conversation(q["question"]) for q in batch]
         replies = generate_chat(model, processor, conversations, images, _chat_settings(settings))
         log.extend(
             {
