@@ -54,7 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ladder_training import optimizer_and_schedule, optimizer_step, reinit  # noqa: E402
+from ladder_training import optimizer_and_schedule, optimizer_step, parse_llm_overrides, reinit  # noqa: E402
 
 from mllm.cell_embedding import CodeMLP, grid_sincos  # noqa: E402
 from mllm.presets import tiny_text_config  # noqa: E402
@@ -129,17 +129,6 @@ def draw(
         rows.append(cells + [KIND0 + kind] + query + [FILLER] * filler)
         answers.append(answer)
     return torch.tensor(rows), torch.tensor(answers)
-
-
-def parse_llm_overrides(pairs: list[str]) -> dict:
-    """`--llm num_hidden_layers=8` pairs -> Qwen2 config overrides (integers and floats parsed)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--llm: expected KEY=VALUE, got {pair!r}")
-        overrides[key] = float(value) if "." in value or "e" in value else int(value)
-    return overrides
 
 
 class LookupModel(nn.Module):

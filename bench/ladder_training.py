@@ -23,6 +23,20 @@ def add_training_args(p: argparse.ArgumentParser, steps: int, batch: int, warmup
     p.add_argument("--log", type=Path, default=None, help="append the result row here as one JSON line")
 
 
+def parse_llm_overrides(pairs: list[str]) -> dict:
+    """`--llm num_hidden_layers=8` pairs -> tiny Qwen2 config overrides (integers and floats parsed)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--llm: expected KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            raise SystemExit(f"--llm {pair!r}: expected a number after '='") from None
+    return overrides
+
+
 def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     for name in ("steps", "batch", "warmup", "threads", *names):
         if getattr(args, name) < 1:

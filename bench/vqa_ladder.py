@@ -13,7 +13,8 @@ in one thing each:
   sem+pixel    semantic + pixel codes (`understanding_tokens: semantic+pixel`)
 
 Options change the training: `--turns` questions per image in one conversation (1 = the demo's single-question
-VQA), `--position` adds the 2-D per-cell position embedding, `--lr`, `--steps`, `--batch`.
+VQA), `--position` adds the 2-D per-cell position embedding, `--llm` resizes the tiny Qwen2 (`--llm num_hidden_layers=8`),
+`--lr`, `--steps`, `--batch`.
 It prints one table row per run (and appends it as JSON to `--log`), e.g.
 
   .venv/bin/python bench/vqa_ladder.py --data runs/demo/data --tokenizer runs/demo/tokenizer --rung oracle
@@ -39,6 +40,7 @@ from ladder_training import (  # noqa: E402
     check_positive,
     optimizer_and_schedule,
     optimizer_step,
+    parse_llm_overrides,
     report_row,
 )
 
@@ -120,9 +122,11 @@ class CodeSource:
 
 
 def build(args, source: CodeSource, text_tokenizer):
-    from mllm.presets import build
+    from mllm.presets import build, tiny_text_config
 
     overrides = {"image_position_embedding": args.position, "input_cell_norm": not args.no_cell_norm}
+    if args.llm:
+        overrides["text_config"] = tiny_text_config(**parse_llm_overrides(args.llm))
     if args.rung == "sem+pixel":
         overrides["understanding_tokens"] = "semantic+pixel"
     model, processor = build("tiny", text_tokenizer, source.tokenizer, **overrides)
@@ -309,6 +313,13 @@ def main(argv=None) -> dict:
         default=0,
         help="seed of the test-question sample (fixed, so runs with different --seed are scored on the same questions)",
     )
+    p.add_argument(
+        "--llm",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="tiny Qwen2 config overrides, e.g. num_hidden_layers=8 or hidden_size=384 num_attention_heads=6",
+    )
     add_training_args(p, steps=600, batch=16, warmup=100)
     args = p.parse_args(argv)
     check_positive(p, args, ("turns", "eval_questions"))
@@ -397,7 +408,7 @@ def main(argv=None) -> dict:
     )
     row = {
         "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "echo": args.echo, "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
+        "lr": args.lr, "llm": args.llm, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
         **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip
     labels = [
