@@ -121,6 +121,16 @@ class CodeSource:
         return self.cache[(split, image_id)]
 
 
+def slot_vectors(grid: int, width: int, args) -> torch.Tensor:
+    """(grid*grid, width): one N(0, slot_rms^2) vector per cell of the 3x3 object layout, repeated on every grid cell
+    whose centre lies in that layout cell (rows / columns 0-2, 3-4, 5-7 of the 8x8 grid)."""
+    g = torch.Generator().manual_seed(args.seed + 7)
+    slots = torch.randn(9, width, generator=g) * args.slot_rms
+    third = [min(2, (2 * i + 1) * 3 // (2 * grid)) for i in range(grid)]
+    index = torch.tensor([3 * third[r] + third[c] for r in range(grid) for c in range(grid)])
+    return slots[index]
+
+
 def build(args, source: CodeSource, text_tokenizer):
     from mllm.presets import build, tiny_text_config
 
@@ -130,6 +140,13 @@ def build(args, source: CodeSource, text_tokenizer):
     if args.rung == "sem+pixel":
         overrides["understanding_tokens"] = "semantic+pixel"
     model, processor = build("tiny", text_tokenizer, source.tokenizer, **overrides)
+    if args.position_start == "slot":
+        if model.image_cell_position is None:
+            raise SystemExit("--position-start slot needs --position")
+        with torch.no_grad():
+            model.image_cell_position.add_(
+                slot_vectors(model.config.grid_size, model.config.hidden_size, args)
+            )
     if source.tokenizer is None:
         g = torch.Generator().manual_seed(args.seed)
         shape = model.pixel_code_embedding.shape
@@ -271,6 +288,14 @@ def main(argv=None) -> dict:
     p.add_argument("--turns", type=int, default=8, help="questions per image in one conversation")
     p.add_argument("--position", action="store_true", help="2-D per-cell position embedding on input cells")
     p.add_argument(
+        "--position-start",
+        choices=("sincos", "slot"),
+        default="sincos",
+        help="start of that embedding: the model's 2-D sine-cosine table, or that plus one random vector per 3x3 "
+        "layout slot (rms --slot-rms) shared by the cells whose centre lies in it (the places questions name)",
+    )
+    p.add_argument("--slot-rms", type=float, default=0.5)
+    p.add_argument(
         "--no-cell-norm",
         action="store_true",
         help="feed input cells without centring + LayerNorm (the old model)",
@@ -407,7 +432,7 @@ def main(argv=None) -> dict:
         echo=args.echo,
     )
     row = {
-        "rung": args.rung, "turns": args.turns, "position": args.position, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "echo": args.echo, "steps": args.steps, "batch": args.batch,
+        "rung": args.rung, "turns": args.turns, "position": args.position, "position_start": args.position_start, "slot_rms": args.slot_rms, "cell_norm": not args.no_cell_norm, "cell_input": args.cell_input, "oracle_cells": args.oracle_cells, "suffix": bool(suffix), "echo": args.echo, "steps": args.steps, "batch": args.batch,
         "lr": args.lr, "llm": args.llm, "train_s": round(train_s, 1), "encode_s": round(encode_s, 1),
         **{k: round(v, 1) for k, v in result.items()}, "curve": curve, "replies": transcript,
     }  # fmt: skip
