@@ -123,12 +123,11 @@ class CodeSource:
 
 def slot_vectors(grid: int, width: int, args) -> torch.Tensor:
     """(grid*grid, width): one N(0, slot_rms^2) vector per cell of the 3x3 object layout, repeated on every grid cell
-    whose centre lies in that layout cell (rows / columns 0-2, 3-4, 5-7 of the 8x8 grid)."""
+    whose centre lies in it (`mllm.cell_embedding.region_vectors`, drawn from the run's own seed)."""
+    from mllm.cell_embedding import region_vectors
+
     g = torch.Generator().manual_seed(args.seed + 7)
-    slots = torch.randn(9, width, generator=g) * args.slot_rms
-    third = [min(2, (2 * i + 1) * 3 // (2 * grid)) for i in range(grid)]
-    index = torch.tensor([3 * third[r] + third[c] for r in range(grid) for c in range(grid)])
-    return slots[index]
+    return region_vectors(grid, 3, width, args.slot_rms, generator=g)
 
 
 def build(args, source: CodeSource, text_tokenizer):

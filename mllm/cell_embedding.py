@@ -1,5 +1,6 @@
 """Building blocks of the image-cell embeddings of `DualTokenMLLM`: the 2-layer code MLP (a summed code embedding ->
-part of the LLM width) and the fixed 2-D sine-cosine table that starts the learned per-cell position embedding."""
+part of the LLM width), the fixed 2-D sine-cosine table that starts the learned per-cell position embedding, and
+the optional coarse-region vectors added to that start."""
 
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ def grid_sincos(grid: int, width: int, rms: float = 0.05) -> torch.Tensor:
     table[..., : 4 * quarter] = torch.cat([rows, cols], dim=-1)
     table = table.reshape(grid * grid, width)
     return (table * (rms / table.pow(2).mean().sqrt())).float()
+
+
+def grid_regions(grid: int, regions: int) -> torch.Tensor:
+    """(grid*grid,) index of the cell of a `regions` x `regions` partition of the image that holds each grid cell's
+    centre, row-major (an 8x8 grid in 3x3 regions: rows and columns 0-2, 3-4, 5-7)."""
+    third = [min(regions - 1, (2 * i + 1) * regions // (2 * grid)) for i in range(grid)]
+    return torch.tensor([regions * third[r] + third[c] for r in range(grid) for c in range(grid)])
+
+
+def region_vectors(grid: int, regions: int, width: int, rms: float, generator=None) -> torch.Tensor:
+    """(grid*grid, width): one N(0, rms^2) vector per region of `grid_regions`, repeated on each of its grid cells."""
+    vectors = torch.randn(regions * regions, width, generator=generator) * rms
+    return vectors[grid_regions(grid, regions)]
 
 
 class CodeMLP(nn.Module):

@@ -52,6 +52,9 @@ class DualTokenMLLMConfig(PretrainedConfig):
         image_position_embedding: add a learned embedding per grid cell (h*w x hidden, 2-D sine-cosine at init,
             `cell_embedding.grid_sincos`) to input-image cells, so the LLM sees where a cell is without counting raster
             positions through RoPE.
+        image_position_regions: k > 0 adds to the start of that embedding one random vector (rms 0.5) per cell of a
+            k x k partition of the image, shared by the grid cells whose centre lies in it
+            (`cell_embedding.region_vectors`), so cells of one coarse place start alike; 0 (the default) adds none.
         output_position_embedding: the same for output-image cells (its own table): the state that predicts cell
             i+1 reads that it sits at cell i from its input instead of counting from `<boi>` through RoPE, which a
             prompt of varying length makes harder.
@@ -89,6 +92,7 @@ class DualTokenMLLMConfig(PretrainedConfig):
     use_semantic_head: bool = True
     input_cell_norm: bool = False
     image_position_embedding: bool = False
+    image_position_regions: int = 0
     output_position_embedding: bool = False
     llm_query_key_init_std: float | None = None
     output_semantic_dropout: float = 0.0
@@ -122,6 +126,14 @@ class DualTokenMLLMConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DualTokenMLLMConfig.{name} must be a positive integer, got {value!r}")
+        regions = self.image_position_regions
+        if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= self.grid_size:
+            raise ValueError(
+                f"DualTokenMLLMConfig.image_position_regions must be an integer in [0, grid_size={self.grid_size}],"
+                f" got {regions!r}"
+            )
+        if regions and not self.image_position_embedding:
+            raise ValueError("DualTokenMLLMConfig.image_position_regions needs image_position_embedding=True")
         drop = self.output_semantic_dropout
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 1.0:
             raise ValueError(f"DualTokenMLLMConfig.output_semantic_dropout must lie in [0, 1], got {drop!r}")

@@ -26,13 +26,16 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from data_recipes.atomic_io import atomic_directory_write
-from mllm.cell_embedding import CodeMLP, grid_sincos
+from mllm.cell_embedding import CodeMLP, grid_sincos, region_vectors
 from mllm.configuration import DualTokenMLLMConfig
 from mllm.depth_head import DepthHead
 from mllm.sequence import IGNORE_INDEX, positions_from_mask
 
 # Causal-LM configs whose head post-processes logits beyond the output embedding (not reproduced here).
 _UNSUPPORTED_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# Size of the coarse-region vectors added to the start of the input-cell position embedding
+# (`image_position_regions`): rms 0.5 against the 0.05 of its sine-cosine part and the 1 of a normalised cell.
+REGION_RMS = 0.5
 
 
 @dataclass
@@ -130,9 +133,13 @@ class DualTokenMLLM(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if module is self:
+            grid, hidden = self.config.grid_size, self.config.hidden_size
             for table in (self.image_cell_position, self.output_cell_position):
                 if table is not None:
-                    table.copy_(grid_sincos(self.config.grid_size, self.config.hidden_size))
+                    table.copy_(grid_sincos(grid, hidden))
+            if self.image_cell_position is not None and self.config.image_position_regions:
+                regions = self.config.image_position_regions
+                self.image_cell_position.add_(region_vectors(grid, regions, hidden, REGION_RMS))
         if isinstance(module, DepthHead):
             init.normal_(module.depth_position, mean=0.0, std=std)
             init.normal_(module.classifier_weight, mean=0.0, std=std)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from mllm_testing import build_micro, micro_text_config, random_codes, train_text_tokenizer
 from transformers.cache_utils import DynamicCache
 
+from mllm.cell_embedding import grid_regions, grid_sincos
 from mllm.decoding import DecodeState, decode_step, stacked_heads
 from mllm.depth_head import DepthHead, StackedDepthHeads
 from mllm.modeling import DualTokenMLLM
@@ -286,6 +287,35 @@ def test_pixel_head_only_ablation(text_tokenizer):
     embedding = model.output_cell_embedding(batch["pixel_codes"][1].reshape(-1, 4), None)
     half = model.config.hidden_size // 2
     assert torch.count_nonzero(embedding[:, half:]) == 0 and torch.count_nonzero(embedding[:, :half]) > 0
+
+
+def test_grid_regions_partition_an_8x8_grid_by_cell_centres():
+    # 3x3 regions of an 8x8 grid: cell centres 4, 12, 20 px of 64 lie in the first third, 28 and 36 in the second.
+    rows = grid_regions(8, 3).view(8, 8)
+    assert rows[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6]
+    assert rows[0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert grid_regions(4, 4).tolist() == list(range(16))
+
+
+def test_image_position_regions_start_the_cells_of_one_region_alike(text_tokenizer):
+    model, _ = build_micro(text_tokenizer, image_position_embedding=True, image_position_regions=2)
+    grid, hidden = model.config.grid_size, model.config.hidden_size
+    added = model.image_cell_position.detach() - grid_sincos(grid, hidden)
+    index = grid_regions(grid, 2)
+    same = index[:, None] == index[None, :]
+    close = torch.cdist(added, added) < 1e-5
+    assert torch.equal(close, same) and len(set(index.tolist())) == 4
+    assert 0.3 < added.pow(2).mean().sqrt() < 0.7
+    plain, _ = build_micro(text_tokenizer, image_position_embedding=True)
+    assert torch.allclose(plain.image_cell_position, grid_sincos(grid, hidden))
+    for bad, match in (
+        ({"image_position_regions": grid + 1}, "in \\[0"),
+        ({"image_position_regions": -1}, "in \\[0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build_micro(text_tokenizer, image_position_embedding=True, **bad)
+    with pytest.raises(ValueError, match="needs image_position_embedding"):
+        build_micro(text_tokenizer, image_position_embedding=False, image_position_regions=2)
 
 
 def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_tokenizer, tmp_path):
