@@ -133,7 +133,12 @@ def slot_vectors(grid: int, width: int, args) -> torch.Tensor:
 def build(args, source: CodeSource, text_tokenizer):
     from mllm.presets import build, tiny_text_config
 
-    overrides = {"image_position_embedding": args.position, "input_cell_norm": not args.no_cell_norm}
+    # The position embedding's start is this script's choice (--position-start), not the preset's regions.
+    overrides = {
+        "image_position_embedding": args.position,
+        "image_position_regions": 0,
+        "input_cell_norm": not args.no_cell_norm,
+    }
     if args.llm:
         overrides["text_config"] = tiny_text_config(**parse_llm_overrides(args.llm))
     if args.rung == "sem+pixel":

@@ -41,7 +41,7 @@ def tiny_fields(**overrides: Any) -> dict[str, Any]:
     """Tiny preset fields: the tiny Qwen2 above, 3-layer depth heads 128 wide (half the LLM width, as the paper
     preset's 1,024-wide heads are half of Qwen2.5-3B's 2,048), the tiny tokenizer geometry (64 px, 8x8 grid,
     depth 4; the code sizes are overwritten from the tokenizer by `from_tokenizer`), centred + normalised input
-    cells with a 2-D position embedding."""
+    cells with a 2-D position embedding that starts with the 3x3 object layout's places."""
     fields: dict[str, Any] = {
         "text_config": tiny_text_config(),
         "codebook_size": 1024,
@@ -56,6 +56,10 @@ def tiny_fields(**overrides: Any) -> dict[str, Any]:
         # them the from-scratch LLM answers from the question alone (bench/vqa_ladder.py, README "Understanding").
         "input_cell_norm": True,
         "image_position_embedding": True,
+        # That embedding starts with one vector per cell of the 3x3 object layout on top of its sine-cosine table, so
+        # the cells of one place start alike: position questions 46-55% against 12.5% at the default budget in two
+        # same-tokenizer pairs, VQA +1.6 / +3.5 (README "Coarse places for the input cells").
+        "image_position_regions": 3,
         # Output cells too: with it the state that predicts a cell knows which cell it is at without counting from
         # <boi> (bench/t2i_ladder.py, README "Text-to-image: the ladder").
         "output_position_embedding": True,

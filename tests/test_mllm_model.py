@@ -306,7 +306,7 @@ def test_image_position_regions_start_the_cells_of_one_region_alike(text_tokeniz
     close = torch.cdist(added, added) < 1e-5
     assert torch.equal(close, same) and len(set(index.tolist())) == 4
     assert 0.3 < added.pow(2).mean().sqrt() < 0.7
-    plain, _ = build_micro(text_tokenizer, image_position_embedding=True)
+    plain, _ = build_micro(text_tokenizer, image_position_embedding=True, image_position_regions=0)
     assert torch.allclose(plain.image_cell_position, grid_sincos(grid, hidden))
     for bad, match in (
         ({"image_position_regions": grid + 1}, "in \\[0"),
@@ -319,7 +319,9 @@ def test_image_position_regions_start_the_cells_of_one_region_alike(text_tokeniz
 
 
 def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_tokenizer, tmp_path):
-    model, processor = build_micro(text_tokenizer, image_position_embedding=True, input_cell_norm=True)
+    model, processor = build_micro(
+        text_tokenizer, image_position_embedding=True, image_position_regions=0, input_cell_norm=True
+    )
     cells = model.config.grid_size**2
     assert model.image_cell_position.shape == (cells, model.config.hidden_size)
     # 2-D sine-cosine start: every cell distinct, cells of one row share the row half, of one column the other.
@@ -365,7 +367,9 @@ def test_image_cell_positions_shift_input_cells_only_and_survive_save_load(text_
     )
     with pytest.raises(ValueError, match="cell_index"):
         model.output_cell_embedding(pixel.reshape(cells, -1), semantic.reshape(cells, -1))
-    bare = build_micro(text_tokenizer, image_position_embedding=False, input_cell_norm=False)[0]
+    bare = build_micro(
+        text_tokenizer, image_position_embedding=False, image_position_regions=0, input_cell_norm=False
+    )[0]
     assert bare.image_cell_position is None and bare.input_cell_norm is None
     with torch.no_grad():
         assert torch.allclose(
