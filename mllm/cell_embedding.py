@@ -28,8 +28,8 @@ def grid_sincos(grid: int, width: int, rms: float = 0.05) -> torch.Tensor:
 def grid_regions(grid: int, regions: int) -> torch.Tensor:
     """(grid*grid,) index of the cell of a `regions` x `regions` partition of the image that holds each grid cell's
     centre, row-major (an 8x8 grid in 3x3 regions: rows and columns 0-2, 3-4, 5-7)."""
-    third = [min(regions - 1, (2 * i + 1) * regions // (2 * grid)) for i in range(grid)]
-    return torch.tensor([regions * third[r] + third[c] for r in range(grid) for c in range(grid)])
+    band = [min(regions - 1, (2 * i + 1) * regions // (2 * grid)) for i in range(grid)]
+    return torch.tensor([regions * band[r] + band[c] for r in range(grid) for c in range(grid)])
 
 
 def region_vectors(grid: int, regions: int, width: int, rms: float, generator=None) -> torch.Tensor:
