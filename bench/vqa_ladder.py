@@ -145,8 +145,6 @@ def build(args, source: CodeSource, text_tokenizer):
         overrides["understanding_tokens"] = "semantic+pixel"
     model, processor = build("tiny", text_tokenizer, source.tokenizer, **overrides)
     if args.position_start == "slot":
-        if model.image_cell_position is None:
-            raise SystemExit("--position-start slot needs --position")
         with torch.no_grad():
             model.image_cell_position.add_(
                 slot_vectors(model.config.grid_size, model.config.hidden_size, args)
@@ -352,6 +350,10 @@ def main(argv=None) -> dict:
     add_training_args(p, steps=600, batch=16, warmup=100)
     args = p.parse_args(argv)
     check_positive(p, args, ("turns", "eval_questions"))
+    if args.position_start == "slot" and not args.position:
+        p.error("--position-start slot needs --position (it starts that embedding)")
+    if not args.slot_rms > 0:
+        p.error(f"--slot-rms must be > 0, got {args.slot_rms}")
     for name in ("data", "text_tokenizer") + (("tokenizer",) if args.rung != "oracle" else ()):
         if not getattr(args, name).exists():
             p.error(
