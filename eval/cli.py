@@ -11,8 +11,8 @@ from eval.demo import ABLATION_STAGES, BUDGETS, STAGES, DemoSettings, run_demo
 
 def _demo(args) -> int:
     budget = dict(BUDGETS[args.budget])
-    if args.batch_size is not None:  # both stages; a stage's own flag below overrides it
-        budget |= dict.fromkeys(("stage1_batch_size", "stage2_batch_size"), args.batch_size)
+    if args.batch_size is not None:  # every MLLM stage; a stage's own flag below overrides it
+        budget |= dict.fromkeys(("stage1_batch_size", "stage2_batch_size", "t2i_batch_size"), args.batch_size)
     budget |= {
         name: getattr(args, name)
         for name in (
@@ -24,15 +24,21 @@ def _demo(args) -> int:
             "vqa_repeat",
             "stage1_batch_size",
             "stage2_batch_size",
+            "t2i_steps",
+            "t2i_batch_size",
+            "t2i_share",
             "probe_steps",
             "threads",
             "curve_every",
+            "curve_t2i_prompts",
         )
         if getattr(args, name) is not None
     }
     if args.eval_limit is not None:
         budget.update({f"eval_{task}": args.eval_limit for task in ("vqa", "captions", "chat", "t2i")})
         budget["curve_questions"] = args.eval_limit
+        if budget.get("curve_t2i_prompts"):
+            budget["curve_t2i_prompts"] = min(budget["curve_t2i_prompts"], args.eval_limit)
     try:
         settings = DemoSettings(scenes=args.scenes, image_size=args.size, seed=args.seed, **budget)
     except ValueError as error:
@@ -225,9 +231,9 @@ def register(subparsers) -> None:
         "--budget",
         choices=sorted(BUDGETS),
         default="default",
-        help="named budget: default (what `make demo` runs) or long (stage 2 sees seven times the examples, and a teacher with "
-        "the per-patch class loss, about 50 minutes in all on 2 cores, with its VQA-against-minutes curve); the flags "
-        "below override it",
+        help="named budget: default (what `make demo` runs) or long (stage 2 sees seven times the examples, a teacher with "
+        "the per-patch class loss, a text-to-image stage of 2,000 x 32 examples, with VQA and T2I against minutes; "
+        "about 95 minutes in all on 2 cores); the flags below override it",
     )
     budget.add_argument("--teacher-steps", type=int)
     budget.add_argument(
@@ -245,7 +251,7 @@ def register(subparsers) -> None:
         help=f"stage 2 lists the multi-turn VQA conversations this many times (default {DemoSettings.vqa_repeat})",
     )
     budget.add_argument(
-        "--batch-size", type=int, help="MLLM batch of both stages (the two flags below override it)"
+        "--batch-size", type=int, help="MLLM batch of every stage (the stage flags below override it)"
     )
     budget.add_argument(
         "--stage1-batch-size", type=int, help=f"MLLM stage 1 batch (default {DemoSettings.stage1_batch_size})"
@@ -254,6 +260,22 @@ def register(subparsers) -> None:
         "--stage2-batch-size",
         type=int,
         help=f"MLLM stage 2 batch (default {DemoSettings.stage2_batch_size})",
+    )
+    budget.add_argument(
+        "--t2i-steps",
+        type=int,
+        help="steps of the text-to-image stage after stage 2 (0: none, the default budget; the long budget 2,000)",
+    )
+    budget.add_argument(
+        "--t2i-batch-size",
+        type=int,
+        help=f"text-to-image stage batch (default {DemoSettings.t2i_batch_size})",
+    )
+    budget.add_argument(
+        "--t2i-share",
+        type=float,
+        help="share of text-to-image prompts among the text-to-image stage's examples, the rest stage 2's "
+        f"conversations (default {DemoSettings.t2i_share:g})",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(
@@ -265,6 +287,11 @@ def register(subparsers) -> None:
         type=int,
         help=f"stage-2 steps between VQA points on the validation split (0: none; default "
         f"{DemoSettings.curve_every})",
+    )
+    budget.add_argument(
+        "--curve-t2i-prompts",
+        type=int,
+        help="validation text-to-image prompts drawn and scored at each curve point (0: none; the long budget 60)",
     )
     demo.add_argument(
         "--from",

@@ -41,6 +41,14 @@ class DemoSettings:
     # VQA in two same-stage-1 pairs (README "Where the default's MLLM minutes go").
     stage1_batch_size: int = 16
     stage2_batch_size: int = 8
+    # The text-to-image stage (`mllm_t2i`, after stage 2; 0 steps: no such stage, the default budget): stage 2's
+    # model trained on a mixture in which `t2i_share` of the examples are text-to-image prompts (the rest: stage 2's
+    # conversations, so understanding is kept), with the semantic codes of output images no longer fed back
+    # (`output_semantic_dropout: 1`). The generator binds the caption only after 30,000-60,000 such examples
+    # (README "Text-to-image: the ladder"); stage 2 gives it about 14% of its examples.
+    t2i_steps: int = 0
+    t2i_batch_size: int = 32
+    t2i_share: float = 0.75
     eval_vqa: int = 400
     eval_captions: int = 100
     eval_chat: int = 150
@@ -51,12 +59,21 @@ class DemoSettings:
     # minutes (`eval.learning_curve`), in REPORT.md as a table and a plot.
     curve_every: int = 700
     curve_questions: int = 200
+    # Validation text-to-image prompts drawn and scored at each curve point (0: VQA only).
+    curve_t2i_prompts: int = 0
 
     def __post_init__(self):
-        for name in ("stage1_batch_size", "stage2_batch_size", "vqa_repeat"):
+        for name in ("stage1_batch_size", "stage2_batch_size", "t2i_batch_size", "vqa_repeat"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoSettings.{name}: expected an integer >= 1, got {value!r}")
+        for name in ("t2i_steps", "curve_t2i_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DemoSettings.{name}: expected an integer >= 0, got {value!r}")
+        share = self.t2i_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ValueError(f"DemoSettings.t2i_share: expected a number in (0, 1], got {share!r}")
         weight = self.teacher_dense_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
@@ -65,12 +82,19 @@ class DemoSettings:
 
 
 # Named budgets (`dualtoken demo --budget NAME`); explicit budget flags override them. "long" gives the MLLM's
-# stage 2 about seven times the default's examples (10,000 steps x 8 against 1,400), with its VQA curve, and a
+# stage 2 about seven times the default's examples (10,000 steps x 8 against 1,400), with its VQA curve, a
 # teacher trained with the per-patch class loss, whose codes carry shape (at the default budget they cost colour
-# reading; at the long budget they pay, README "What more MLLM training buys").
+# reading; at the long budget they pay, README "What more MLLM training buys"), and a text-to-image stage of
+# 2,000 x 32 examples, three quarters of them text-to-image (README "A text-to-image stage").
 BUDGETS: dict[str, dict] = {
     "default": {},
-    "long": {"stage2_steps": 10000, "curve_every": 1000, "teacher_dense_loss_weight": 1.0},
+    "long": {
+        "stage2_steps": 10000,
+        "curve_every": 1000,
+        "teacher_dense_loss_weight": 1.0,
+        "t2i_steps": 2000,
+        "curve_t2i_prompts": 60,
+    },
 }
 
 
@@ -321,25 +345,44 @@ def _stage_seconds(ctx: DemoContext, name: str) -> float:
     return float(json.loads(marker.read_text())["seconds"]) if marker.exists() else 0.0
 
 
-def stage_mllm_stage2(ctx: DemoContext) -> dict:
-    from eval.learning_curve import VQACurveCallback, read_curve
+def final_model_dir(run: Path, settings: DemoSettings) -> Path:
+    """The model the chain ends with: the text-to-image stage's when the budget has one, else stage 2's."""
+    return run / ("mllm_t2i" if settings.t2i_steps else "mllm")
+
+
+def _curve(ctx: DemoContext, model_dir: Path, out: Path, minutes_before: float) -> list:
+    """The VQA (and T2I) curve callback of a stage that starts from `model_dir`, or none (`curve_every` 0)."""
+    from eval.learning_curve import VQACurveCallback
     from mllm.processor import DualTokenProcessor
 
+    s = ctx.settings
+    if not s.curve_every:
+        return []
+    return [
+        VQACurveCallback(
+            DualTokenProcessor.from_pretrained(model_dir),
+            ctx.data_dir / "val",
+            out,
+            every=s.curve_every,
+            questions=s.curve_questions,
+            minutes_before=minutes_before,
+            seed=s.seed,
+            t2i_prompts=s.curve_t2i_prompts,
+        )
+    ]
+
+
+def _curve_summary(callbacks: list) -> list[dict]:
+    from eval.learning_curve import read_curve
+
+    keys = ("step", "train_minutes", "overall", "t2i")
+    return [{k: p[k] for k in keys if k in p} for c in callbacks for p in read_curve(c.path)]
+
+
+def stage_mllm_stage2(ctx: DemoContext) -> dict:
     s, stage1 = ctx.settings, ctx.path("mllm_stage1")
     extra = ["--model_name_or_path", str(stage1)]
-    callbacks = []
-    if s.curve_every:
-        callbacks.append(
-            VQACurveCallback(
-                DualTokenProcessor.from_pretrained(stage1),
-                ctx.data_dir / "val",
-                ctx.path("mllm") / "vqa_curve",
-                every=s.curve_every,
-                questions=s.curve_questions,
-                minutes_before=_stage_seconds(ctx, "mllm_stage1") / 60,
-                seed=s.seed,
-            )
-        )
+    callbacks = _curve(ctx, stage1, ctx.path("mllm") / "vqa_curve", _stage_seconds(ctx, "mllm_stage1") / 60)
     summary = _train_mllm(
         ctx,
         "tiny_stage2.yaml",
@@ -350,10 +393,49 @@ def stage_mllm_stage2(ctx: DemoContext) -> dict:
         callbacks,
         _stage2_llava_files(ctx),
     )
-    if s.curve_every:
-        summary["vqa_curve"] = [
-            {k: p[k] for k in ("step", "train_minutes", "overall")} for p in read_curve(callbacks[0].path)
-        ]
+    if callbacks:
+        summary["vqa_curve"] = _curve_summary(callbacks)
+    return summary
+
+
+def t2i_mixture(conversations: int, prompts: int, share: float) -> dict[str, float]:
+    """`conversation_repeat` / `prompt_repeat` that make `share` of the examples text-to-image prompts."""
+    if prompts < 1:
+        raise ValueError("the text-to-image stage needs text-to-image prompts; the prompts file holds none")
+    if share >= 1 or conversations < 1:
+        return {"conversation_repeat": 0.0, "prompt_repeat": 1.0}
+    return {"conversation_repeat": 1.0, "prompt_repeat": share / (1 - share) * conversations / prompts}
+
+
+def stage_mllm_t2i(ctx: DemoContext) -> dict:
+    from eval.learning_curve import read_curve
+    from train.data import load_llava, load_prompts
+
+    s, stage2 = ctx.settings, ctx.path("mllm")
+    if not s.t2i_steps:
+        _fresh(ctx.path("mllm_t2i"))
+        return {"skipped": "t2i_steps is 0: this budget has no text-to-image stage; stage 2's model is final"}
+    split = ctx.data_dir / "train"
+    mixture = t2i_mixture(
+        len(load_llava(split / "llava.json")), len(load_prompts(split / "prompts.jsonl")), s.t2i_share
+    )
+    extra = [
+        "--model_name_or_path", str(stage2),
+        "--model_overrides", json.dumps({"output_semantic_dropout": 1.0}),
+        *(f"--{name}={value:.6f}" for name, value in mixture.items()),
+    ]  # fmt: skip
+    stage2_curve = read_curve(stage2 / "vqa_curve" / "vqa_curve.json")
+    minutes_before = (
+        stage2_curve[-1]["train_minutes"]
+        if stage2_curve
+        else (_stage_seconds(ctx, "mllm_stage1") + _stage_seconds(ctx, "mllm_stage2")) / 60
+    )
+    out = ctx.path("mllm_t2i")
+    callbacks = _curve(ctx, stage2, out / "vqa_curve", minutes_before)
+    summary = _train_mllm(ctx, "tiny_t2i.yaml", out, s.t2i_steps, s.t2i_batch_size, extra, callbacks)
+    summary["mixture"] = mixture
+    if callbacks:
+        summary["vqa_curve"] = _curve_summary(callbacks)
     return summary
 
 
@@ -395,7 +477,8 @@ def stage_evaluate(ctx: DemoContext) -> dict:
     torch.set_num_threads(ctx.settings.threads)
     s = ctx.settings
     out = _fresh(ctx.path("eval"))
-    model, processor = load_checkpoint(ctx.path("mllm"))
+    final = final_model_dir(ctx.out, s)
+    model, processor = load_checkpoint(final)
     test = ctx.data_dir / "test"
     vqa = _evaluate_vqa(ctx, model, processor, out)
     captions = run_captions(
@@ -407,7 +490,7 @@ def stage_evaluate(ctx: DemoContext) -> dict:
         EvalSettings(batch_size=32, limit=s.eval_chat, max_new_tokens=32, seed=s.seed),
     )  # fmt: skip
     t2i = _evaluate_t2i(ctx, model, processor, out)
-    return {"vqa": vqa, "captions": captions, "chat": chat, "t2i": t2i}
+    return {"model": str(final), "vqa": vqa, "captions": captions, "chat": chat, "t2i": t2i}
 
 
 # ------------------------------------------------------------------ ablations (`dualtoken demo --ablations`)
@@ -502,6 +585,11 @@ STAGES: list[Stage] = [
         "mllm_stage1", "instruction tuning stage 1: projectors + depth heads, LLM frozen", stage_mllm_stage1
     ),
     Stage("mllm_stage2", "instruction tuning stage 2: everything trains", stage_mllm_stage2),
+    Stage(
+        "mllm_t2i",
+        "text-to-image stage (long budget): mostly text-to-image examples, semantic codes not fed back",
+        stage_mllm_t2i,
+    ),
     Stage("evaluate", "VQA, captions, chat and text-to-image on the test split", stage_evaluate),
     Stage(
         "report", "write REPORT.md with tables, image grids and training curves", stage_report, summary=True

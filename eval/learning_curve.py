@@ -1,9 +1,10 @@
-"""VQA accuracy against MLLM training minutes, measured while the MLLM trains.
+"""VQA (and text-to-image) accuracy against MLLM training minutes, measured while the MLLM trains.
 
 `VQACurveCallback` is a `transformers.TrainerCallback`: every `every` optimizer steps (and at the last step) it
 answers a fixed, seeded subset of a split's VQA questions with the model being trained (greedy, the VQA task's
-prompt and the official accuracy, `eval.tasks.run_vqa`) and appends a point to `<out>/vqa_curve.json`, written
-atomically after every point. The minutes are training wall time only: the evaluations themselves are not counted,
+prompt and the official accuracy, `eval.tasks.run_vqa`), with `t2i_prompts` > 0 also draws the split's first
+`t2i_prompts` text-to-image prompts and scores them with the scene parser (`eval.t2i_tasks.run_t2i`), and appends a
+point to `<out>/vqa_curve.json`, written atomically after every point. The minutes are training wall time only: the evaluations themselves are not counted,
 and `minutes_before` (e.g. the MLLM stage 1) is added, so the x-axis reads "minutes of MLLM training".
 `plot_vqa_curves` draws one or more such curves (overall and per question type) into a PNG.
 """
@@ -42,14 +43,21 @@ class VQACurveCallback(TrainerCallback):
         minutes_before: float = 0.0,
         seed: int = 0,
         batch_size: int = 32,
+        t2i_prompts: int = 0,
     ):
         if every < 1:
             raise ValueError(f"VQACurveCallback: every must be >= 1, got {every}")
+        if t2i_prompts < 0:
+            raise ValueError(f"VQACurveCallback: t2i_prompts must be >= 0, got {t2i_prompts}")
         self.processor, self.split_dir, self.out_dir = processor, Path(split_dir), Path(out_dir)
-        for name in ("vqa_questions.json", "vqa_annotations.json", "images"):
+        needed = ("vqa_questions.json", "vqa_annotations.json", "images") + (
+            ("prompts.jsonl",) if t2i_prompts else ()
+        )
+        for name in needed:
             if not (self.split_dir / name).exists():
                 raise FileNotFoundError(f"VQACurveCallback: {self.split_dir / name} does not exist")
         self.every, self.questions, self.seed, self.batch_size = every, questions, seed, batch_size
+        self.t2i_prompts = t2i_prompts
         self.minutes_before = minutes_before
         self.points: list[dict] = []
         self._clock_start = 0.0
@@ -100,6 +108,7 @@ class VQACurveCallback(TrainerCallback):
                     batch_size=self.batch_size, limit=self.questions, max_new_tokens=8, seed=self.seed
                 ),
             )
+            t2i = self._t2i_scores(model, step) if self.t2i_prompts else None
         finally:
             model.train(was_training)
         scores = metrics["all"]
@@ -111,6 +120,8 @@ class VQACurveCallback(TrainerCallback):
             "num_questions": scores["num_questions"],
             "eval_seconds": time.perf_counter() - t0,
         }
+        if t2i is not None:
+            point["t2i"] = t2i
         if self._resumed:
             point["resumed"] = True
         self.points.append(point)
@@ -120,11 +131,30 @@ class VQACurveCallback(TrainerCallback):
                 "split": str(self.split_dir),
                 "questions": self.questions,
                 "every": self.every,
+                "t2i_prompts": self.t2i_prompts,
                 "points": self.points,
             },
         )
         self._eval_seconds += time.perf_counter() - t0
         return point
+
+    def _t2i_scores(self, model: Any, step: int) -> dict:
+        """T2I accuracy (%) of the split's first `t2i_prompts` prompts, overall and per tag, drawn now."""
+        from eval.t2i_tasks import run_t2i
+        from eval.tasks import EvalSettings
+
+        scored = run_t2i(
+            model,
+            self.processor,
+            self.split_dir / "prompts.jsonl",
+            self.out_dir / f"step-{step:06d}",
+            EvalSettings(batch_size=16, limit=self.t2i_prompts, seed=self.seed),
+        )["all"]
+        return {
+            "overall": 100 * scored["overall"],
+            "per_tag": {tag: 100 * value for tag, value in scored["per_tag"].items()},
+            "num_prompts": scored["num_samples"],
+        }
 
 
 def read_curve(path: str | os.PathLike) -> list[dict]:
@@ -137,8 +167,9 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike) -> Path | None:
-    """Overall VQA accuracy (left) and per question type (right; solid for the first curve, then dashed, dotted,
-    dash-dotted) against MLLM training minutes, one line per named curve."""
+    """Overall VQA accuracy (left; with the T2I accuracy dashed where the points carry one) and per question type
+    (right; solid for the first curve, then dashed, dotted, dash-dotted) against MLLM training minutes, one line per
+    named curve."""
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return None
@@ -151,7 +182,10 @@ def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, points) in enumerate(curves.items()):
         minutes = [p["train_minutes"] for p in points]
-        ax_all.plot(minutes, [p["overall"] for p in points], marker="o", label=name)
+        line = ax_all.plot(minutes, [p["overall"] for p in points], marker="o", label=name)[0]
+        t2i = [(m, p["t2i"]["overall"]) for m, p in zip(minutes, points) if "t2i" in p]
+        if t2i:
+            ax_all.plot(*zip(*t2i), marker="s", linestyle="--", color=line.get_color(), label=f"{name}: T2I")
         for j, qtype in enumerate(QUESTION_TYPES):
             values = [p["per_question_type"].get(qtype, float("nan")) for p in points]
             ax_type.plot(
@@ -162,7 +196,9 @@ def plot_vqa_curves(curves: Mapping[str, list[dict]], out_png: str | os.PathLike
                 label=qtype if i == 0 else None,
             )
     ax_all.axhline(90, color="gray", linestyle=":", label="target (90%)")
-    for ax, title in ((ax_all, "VQA overall"), (ax_type, "per question type")):
+    with_t2i = any("t2i" in p for points in curves.values() for p in points)
+    overall_title = "VQA overall (T2I dashed)" if with_t2i else "VQA overall"
+    for ax, title in ((ax_all, overall_title), (ax_type, "per question type")):
         ax.set_xlabel("MLLM training minutes")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)

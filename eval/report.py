@@ -192,29 +192,57 @@ def _ablation_section(run: Path) -> list[str]:
 
 
 def _vqa_curve_section(run: Path) -> list[str]:
-    """VQA on the validation split against MLLM training minutes, measured during stage 2 (`--curve-every`)."""
+    """VQA (and, where measured, T2I) on the validation split against MLLM training minutes, measured during stage 2
+    and the text-to-image stage (`--curve-every`, `--curve-t2i-prompts`)."""
     from eval.learning_curve import CURVE_FILE, QUESTION_TYPES, plot_vqa_curves, read_curve
 
-    points = read_curve(run / "mllm" / "vqa_curve" / CURVE_FILE)
-    if not points:
+    stages = {"stage 2": run / "mllm", "text-to-image stage": run / "mllm_t2i"}
+    curves = {name: read_curve(folder / "vqa_curve" / CURVE_FILE) for name, folder in stages.items()}
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
         return []
-    plot = plot_vqa_curves({"stage 2": points}, run / "eval" / "vqa_curve.png")
-    rows = [
-        (
-            p["step"],
-            f"{p['train_minutes']:.1f}",
-            _pct(p["overall"]),
-            *(_pct(p["per_question_type"].get(t)) for t in QUESTION_TYPES),
-        )
-        for p in points
-    ]
+    plot = plot_vqa_curves(curves, run / "eval" / "vqa_curve.png")
+    with_t2i = any("t2i" in p for points in curves.values() for p in points)
+    rows = []
+    for name, points in curves.items():
+        for p in points:
+            t2i = p.get("t2i") or {}
+            rows.append(
+                (
+                    name,
+                    p["step"],
+                    f"{p['train_minutes']:.1f}",
+                    _pct(p["overall"]),
+                    *(_pct(p["per_question_type"].get(t)) for t in QUESTION_TYPES),
+                    *(
+                        (_pct(t2i.get("overall")), _pct(t2i.get("per_tag", {}).get("single_object")))
+                        if with_t2i
+                        else ()
+                    ),
+                )
+            )
+    first = next(iter(curves.values()))[0]
+    t2i_text = ""
+    if with_t2i:
+        prompts = next(p["t2i"]["num_prompts"] for points in curves.values() for p in points if "t2i" in p)
+        t2i_text = f" and {prompts} validation text-to-image prompts drawn and checked by the scene parser"
     lines = [
         "## VQA against MLLM training minutes (validation split)",
         "",
-        f"{points[0]['num_questions']} validation questions answered every few stage-2 steps by the model being "
+        f"{first['num_questions']} validation questions answered{t2i_text} every few steps by the model being "
         "trained; minutes are MLLM training wall time (stage 1 included, the evaluations not).",
         "",
-        _table(("stage-2 step", "MLLM minutes", "overall", *QUESTION_TYPES), rows),
+        _table(
+            (
+                "stage",
+                "step",
+                "MLLM minutes",
+                "VQA overall",
+                *QUESTION_TYPES,
+                *(("T2I overall", "T2I single object") if with_t2i else ()),
+            ),
+            rows,
+        ),  # fmt: skip
         "",
     ]
     if plot:
@@ -393,7 +421,7 @@ def _t2i_diagnostics_lines(reference: Mapping[str, Any]) -> list[str]:
 def write_report(run: str | os.PathLike, summaries: Mapping[str, dict]) -> Path:
     run = Path(run)
     histories = {}
-    for stage in ("mllm_stage1", "mllm"):
+    for stage in ("mllm_stage1", "mllm", "mllm_t2i"):
         history = _read_json(run / stage / "log_history.json")
         if history:
             histories[stage] = history

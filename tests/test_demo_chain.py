@@ -7,14 +7,15 @@ import json
 from mllm.console import main
 
 MICRO = ["--scenes", "240", "--teacher-steps", "4", "--tokenizer-steps", "3", "--probe-steps", "20", "--stage1-steps", "2",
-         "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--threads", "1", "--curve-every", "1"]  # fmt: skip
+         "--stage2-steps", "2", "--batch-size", "4", "--eval-limit", "4", "--threads", "1", "--curve-every", "1",
+         "--t2i-steps", "2", "--curve-t2i-prompts", "3"]  # fmt: skip
 
 
 def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *MICRO]) == 0
     stages = ["data", "validate", "teacher", "tokenizer", "tokenizer_eval", "encode", "text_tokenizer",
-              "mllm_stage1", "mllm_stage2", "evaluate", "report"]  # fmt: skip
+              "mllm_stage1", "mllm_stage2", "mllm_t2i", "evaluate", "report"]  # fmt: skip
     for stage in stages:
         assert (out / "stages" / f"{stage}.json").exists(), stage
     # The trained pieces load through their public entry points.
@@ -26,6 +27,14 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert (
         DualTokenModel.from_pretrained(out / "tokenizer").config.codebook_size == model.config.codebook_size
     )
+    # The text-to-image stage continues from stage 2 with the semantic codes no longer fed back, and its model is
+    # the one evaluated.
+    final, _ = load_checkpoint(out / "mllm_t2i")
+    assert (model.config.output_semantic_dropout, final.config.output_semantic_dropout) == (0.0, 1.0)
+    evaluated = json.loads((out / "stages" / "evaluate.json").read_text())["summary"]["model"]
+    assert evaluated == str(out / "mllm_t2i")
+    t2i_stage = json.loads((out / "stages" / "mllm_t2i.json").read_text())["summary"]
+    assert t2i_stage["steps"] == 2 and t2i_stage["mixture"]["prompt_repeat"] > 1
     report = (out / "REPORT.md").read_text()
     for heading in ("## Tokenizer", "## VQA", "## Captions", "## Multi-turn chat", "## Text-to-image"):
         assert heading in report
@@ -57,6 +66,12 @@ def test_demo_chain_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert written["split"] == str(out / "data" / "val")
     assert [p["num_questions"] for p in written["points"]] == [4, 4]
     assert "## VQA against MLLM training minutes" in report and (out / "eval" / "vqa_curve.png").exists()
+    # Each curve point also draws 3 validation prompts; the text-to-image stage's points continue the clock.
+    assert all(p["t2i"]["num_prompts"] == 3 for p in written["points"])
+    t2i_curve = json.loads((out / "mllm_t2i" / "vqa_curve" / "vqa_curve.json").read_text())["points"]
+    assert [p["step"] for p in t2i_curve] == [1, 2]
+    assert written["points"][-1]["train_minutes"] < t2i_curve[0]["train_minutes"]
+    assert "| text-to-image stage | 2 |" in report and "T2I overall" in report
     fd = json.loads((out / "eval" / "t2i_metrics.json").read_text())["fd"]
     assert fd["generated"] == 4 and fd["value"] >= 0 and "FD of 4 generated" in report
     reference = json.loads((out / "eval" / "t2i_metrics.json").read_text())["reference"]

@@ -110,3 +110,72 @@ def test_the_cli_batch_flag_sets_both_stages_and_a_stage_flag_overrides_it(tmp_p
     assert [(s.stage1_batch_size, s.stage2_batch_size) for s in settings] == [(4, 4), (4, 6), (16, 8)]
     assert main(["demo", "--out", out, "--stage1-batch-size", "0"]) == 2
     assert "DemoSettings.stage1_batch_size" in capsys.readouterr().err
+
+
+def test_the_text_to_image_mixture_gives_the_asked_share():
+    from eval.demo import t2i_mixture
+
+    for conversations, prompts, share in ((32400, 5408, 0.75), (10, 40, 0.5), (3, 1, 0.9)):
+        mix = t2i_mixture(conversations, prompts, share)
+        t2i = mix["prompt_repeat"] * prompts
+        assert mix["conversation_repeat"] == 1.0 and abs(t2i / (t2i + conversations) - share) < 1e-9
+    assert t2i_mixture(100, 7, 1.0) == {"conversation_repeat": 0.0, "prompt_repeat": 1.0}
+    with pytest.raises(ValueError, match="holds no"):
+        t2i_mixture(100, 0, 0.5)
+
+
+def test_the_text_to_image_stage_is_off_by_default_and_on_in_the_long_budget(tmp_path, monkeypatch, capsys):
+    import eval.cli as cli
+    from eval import demo
+
+    settings = []
+    monkeypatch.setattr(cli, "run_demo", lambda out, s, **kwargs: settings.append(s))
+    out = str(tmp_path / "run")
+    assert main(["demo", "--out", out]) == 0
+    assert main(["demo", "--out", out, "--budget", "long"]) == 0
+    assert main(["demo", "--out", out, "--budget", "long", "--t2i-steps", "0", "--eval-limit", "8"]) == 0
+    assert [(s.t2i_steps, s.curve_t2i_prompts) for s in settings] == [(0, 0), (2000, 60), (0, 8)]
+    assert demo.final_model_dir(tmp_path, settings[0]) == tmp_path / "mllm"
+    assert demo.final_model_dir(tmp_path, settings[1]) == tmp_path / "mllm_t2i"
+    # Off, the stage trains nothing and leaves no stale model behind.
+    (tmp_path / "mllm_t2i").mkdir()
+    summary = demo.stage_mllm_t2i(DemoContext(tmp_path, settings[0]))
+    assert "skipped" in summary and not (tmp_path / "mllm_t2i").exists()
+    for flag, bad in (("--t2i-share", "0"), ("--t2i-share", "1.5"), ("--t2i-steps", "-1")):
+        assert main(["demo", "--out", out, flag, bad]) == 2
+        assert "DemoSettings.t2i_" in capsys.readouterr().err
+
+
+def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_path, monkeypatch):
+    import train.mllm_train as mllm_train
+    from eval import demo
+
+    seen = []
+
+    def fake_main(argv, callbacks=None):
+        seen.append(argv)
+        raise RuntimeError("stop after the arguments")
+
+    monkeypatch.setattr(mllm_train, "main", fake_main)
+    _write_split(
+        tmp_path, [{"id": f"{i}-vqa", "conversations": [{"from": "human", "value": "q"}]} for i in range(9)]
+    )
+    (tmp_path / "data" / "train" / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": "a red circle", "image_id": i}) + "\n" for i in range(3))
+    )
+    ctx = DemoContext(tmp_path, DemoSettings(t2i_steps=5, t2i_batch_size=6, t2i_share=0.5, curve_every=0))
+    with pytest.raises(RuntimeError, match="stop after the arguments"):
+        demo.stage_mllm_t2i(ctx)
+    argv = seen[0]
+
+    def value(name):
+        return argv[argv.index(name) + 1]
+
+    assert value("--model_name_or_path") == str(tmp_path / "mllm") and value("--output_dir") == str(
+        tmp_path / "mllm_t2i"
+    )
+    assert (value("--max_steps"), value("--per_device_train_batch_size")) == ("5", "6")
+    assert json.loads(value("--model_overrides")) == {"output_semantic_dropout": 1.0}
+    assert (
+        "--prompt_repeat=3.000000" in argv and "--conversation_repeat=1.000000" in argv
+    )  # 9 conversations, 3 x 3 prompts

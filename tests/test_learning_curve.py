@@ -53,3 +53,25 @@ def test_curves_plot_to_a_png_and_an_empty_curve_draws_nothing(tmp_path):
     png = plot_vqa_curves({"default": points, "long": points}, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_curve(tmp_path / "missing.json") == []
+
+
+def test_text_to_image_points_need_the_splits_prompts_and_plot_beside_vqa(tmp_path):
+    split = _split(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"val/prompts\.jsonl"):
+        VQACurveCallback(None, split, tmp_path / "curve", every=2, t2i_prompts=8)
+    with pytest.raises(ValueError, match="t2i_prompts must be >= 0"):
+        VQACurveCallback(None, split, tmp_path / "curve", every=2, t2i_prompts=-1)
+    (split / "prompts.jsonl").write_text("")
+    assert VQACurveCallback(None, split, tmp_path / "curve", every=2, t2i_prompts=8).t2i_prompts == 8
+    points = [
+        {
+            "step": s,
+            "train_minutes": s,
+            "overall": 40.0,
+            "per_question_type": {},
+            "t2i": {"overall": 10.0 * s},
+        }
+        for s in (1, 2)
+    ]
+    png = plot_vqa_curves({"text-to-image stage": points}, tmp_path / "t2i.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

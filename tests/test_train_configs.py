@@ -114,3 +114,36 @@ def test_flop_model_matches_counted_matmul_flops(tmp_path):
     )
     assert FlopModel.of(model).training_flops(no_images) < estimate / 10
     assert torch.is_tensor(batch["image_is_output"])
+
+
+def test_a_stage_continuing_from_a_checkpoint_changes_only_weightless_fields(tmp_path):
+    """`model_overrides` with `model_name_or_path` (the demo's text-to-image stage stops feeding the semantic codes
+    back): the loaded model keeps every weight and takes the new value; a field that shapes weights, or a value the
+    config refuses, is an error naming it."""
+    from train.mllm_train import ModelArguments, build_model
+
+    model, processor = build_micro(train_text_tokenizer(tmp_path / "sp"))
+    model.save_pretrained(tmp_path / "stage2", processor=processor)
+    loaded, _ = build_model(
+        ModelArguments(
+            model_name_or_path=str(tmp_path / "stage2"), model_overrides={"output_semantic_dropout": 1.0}
+        ),
+        seed=0,
+    )
+    assert loaded.config.output_semantic_dropout == 1.0 and model.config.output_semantic_dropout == 0.0
+    assert loaded.config.image_position_regions == model.config.image_position_regions
+    saved = model.state_dict()
+    assert all(torch.equal(value, saved[name]) for name, value in loaded.state_dict().items())
+    plain, _ = build_model(ModelArguments(model_name_or_path=str(tmp_path / "stage2")), seed=0)
+    assert plain.config.output_semantic_dropout == 0.0
+    with pytest.raises(ValueError, match=r"\['grid_size'\] cannot change when training continues"):
+        build_model(
+            ModelArguments(model_name_or_path=str(tmp_path / "stage2"), model_overrides={"grid_size": 4}), 0
+        )
+    with pytest.raises(ValueError, match="output_semantic_dropout must lie in"):
+        build_model(
+            ModelArguments(
+                model_name_or_path=str(tmp_path / "stage2"), model_overrides={"output_semantic_dropout": 2}
+            ),
+            0,
+        )

@@ -149,6 +149,30 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MLL
     return model_args, data_args, training_args, known.resume
 
 
+# Config fields a stage may change when it continues from a checkpoint (`model_overrides` with
+# `model_name_or_path`): they change how the model trains (and, for output_semantic_dropout, what it feeds back while
+# drawing), never the shape of a weight.
+CONTINUATION_FIELDS = (
+    "output_semantic_dropout",
+    "pixel_loss_weight",
+    "semantic_loss_weight",
+    "depth_head_dropout",
+)
+
+
+def continued_config(path: str | Path, overrides: dict):
+    """The checkpoint's `DualTokenMLLMConfig` with `overrides` (only `CONTINUATION_FIELDS`), validated anew."""
+    from mllm.configuration import DualTokenMLLMConfig
+
+    refused = sorted(set(overrides) - set(CONTINUATION_FIELDS))
+    if refused:
+        raise ValueError(
+            f"model_overrides {refused} cannot change when training continues from {path} (model_name_or_path): "
+            f"only {', '.join(CONTINUATION_FIELDS)} may; the others shape the weights"
+        )
+    return DualTokenMLLMConfig.from_dict({**DualTokenMLLMConfig.from_pretrained(path).to_dict(), **overrides})
+
+
 def build_model(model_args: ModelArguments, seed: int):
     """(DualTokenMLLM, DualTokenProcessor): loaded from model_name_or_path, or built from a preset."""
     from transformers import AutoTokenizer
@@ -160,7 +184,8 @@ def build_model(model_args: ModelArguments, seed: int):
     attn = model_args.attn_implementation or default_attn_implementation()
     if model_args.model_name_or_path:
         path = str(Path(model_args.model_name_or_path).resolve())
-        model = DualTokenMLLM.from_pretrained(path, attn_implementation=attn)
+        config = continued_config(path, model_args.model_overrides) if model_args.model_overrides else None
+        model = DualTokenMLLM.from_pretrained(path, config=config, attn_implementation=attn)
         return model, DualTokenProcessor.from_pretrained(path)
     image_tokenizer = None
     if model_args.image_tokenizer:
