@@ -136,9 +136,23 @@ def test_a_stage_continuing_from_a_checkpoint_changes_only_weightless_fields(tmp
     assert all(torch.equal(value, saved[name]) for name, value in loaded.state_dict().items())
     plain, _ = build_model(ModelArguments(model_name_or_path=str(tmp_path / "stage2")), seed=0)
     assert plain.config.output_semantic_dropout == 0.0
+    # A training config may restate what the checkpoint already holds.
+    restated = {"grid_size": model.config.grid_size, "text_config": {"hidden_size": model.config.hidden_size}}
+    same, _ = build_model(
+        ModelArguments(model_name_or_path=str(tmp_path / "stage2"), model_overrides=restated), 0
+    )
+    assert same.config.grid_size == model.config.grid_size
     with pytest.raises(ValueError, match=r"\['grid_size'\] cannot change when training continues"):
         build_model(
             ModelArguments(model_name_or_path=str(tmp_path / "stage2"), model_overrides={"grid_size": 4}), 0
+        )
+    with pytest.raises(ValueError, match=r"\['text_config'\] cannot change when training continues"):
+        build_model(
+            ModelArguments(
+                model_name_or_path=str(tmp_path / "stage2"),
+                model_overrides={"text_config": {"hidden_size": 96}},
+            ),
+            0,
         )
     with pytest.raises(ValueError, match="output_semantic_dropout must lie in"):
         build_model(

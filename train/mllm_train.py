@@ -160,17 +160,32 @@ CONTINUATION_FIELDS = (
 )
 
 
+def _same_value(current, new) -> bool:
+    """`new` (a JSON value; a dict names a subset of fields) equals the checkpoint's `current` value."""
+    if isinstance(new, dict) and isinstance(current, dict):
+        return all(_same_value(current.get(key), value) for key, value in new.items())
+    return current == new
+
+
 def continued_config(path: str | Path, overrides: dict):
-    """The checkpoint's `DualTokenMLLMConfig` with `overrides` (only `CONTINUATION_FIELDS`), validated anew."""
+    """The checkpoint's `DualTokenMLLMConfig` with `overrides`, validated anew. Only `CONTINUATION_FIELDS` may take a
+    new value; any other override must equal what the checkpoint holds (a training config may restate them)."""
     from mllm.configuration import DualTokenMLLMConfig
 
-    refused = sorted(set(overrides) - set(CONTINUATION_FIELDS))
+    current = DualTokenMLLMConfig.from_pretrained(path).to_dict()
+    refused = sorted(
+        key
+        for key, value in overrides.items()
+        if key not in CONTINUATION_FIELDS and not _same_value(current.get(key), value)
+    )
     if refused:
         raise ValueError(
             f"model_overrides {refused} cannot change when training continues from {path} (model_name_or_path): "
             f"only {', '.join(CONTINUATION_FIELDS)} may; the others shape the weights"
         )
-    return DualTokenMLLMConfig.from_dict({**DualTokenMLLMConfig.from_pretrained(path).to_dict(), **overrides})
+    return DualTokenMLLMConfig.from_dict(
+        {**current, **{key: value for key, value in overrides.items() if key in CONTINUATION_FIELDS}}
+    )
 
 
 def build_model(model_args: ModelArguments, seed: int):
