@@ -291,7 +291,8 @@ def register(subparsers) -> None:
     budget.add_argument(
         "--curve-t2i-prompts",
         type=int,
-        help="validation text-to-image prompts drawn and scored at each curve point (0: none; the long budget 60)",
+        help="validation text-to-image prompts drawn and scored at each curve point of the text-to-image stage "
+        "(0: none; the long budget 60)",
     )
     demo.add_argument(
         "--from",
