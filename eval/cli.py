@@ -233,7 +233,7 @@ def register(subparsers) -> None:
         default="default",
         help="named budget: default (what `make demo` runs) or long (stage 2 sees seven times the examples, a teacher with "
         "the per-patch class loss, a text-to-image stage of 2,000 x 32 examples, with VQA and T2I against minutes; "
-        "about 95 minutes in all on 2 cores); the flags below override it",
+        "about 105 minutes in all on 2 cores); the flags below override it",
     )
     budget.add_argument("--teacher-steps", type=int)
     budget.add_argument(
