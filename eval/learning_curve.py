@@ -2,10 +2,10 @@
 
 `VQACurveCallback` is a `transformers.TrainerCallback`: every `every` optimizer steps (and at the last step) it
 answers a fixed, seeded subset of a split's VQA questions with the model being trained (greedy, the VQA task's
-prompt and the official accuracy, `eval.tasks.run_vqa`), with `t2i_prompts` > 0 also draws the split's first
-`t2i_prompts` text-to-image prompts and scores them with the scene parser (`eval.t2i_tasks.run_t2i`), and appends a
-point to `<out>/vqa_curve.json`, written atomically after every point. The minutes are training wall time only: the evaluations themselves are not counted,
-and `minutes_before` (e.g. the MLLM stage 1) is added, so the x-axis reads "minutes of MLLM training".
+prompt and the official accuracy, `eval.tasks.run_vqa`), with `t2i_prompts` > 0 also draws a fixed, seeded subset
+of `t2i_prompts` of the split's text-to-image prompts and scores them with the scene parser (`eval.t2i_tasks.run_t2i`),
+and appends a point to `<out>/vqa_curve.json`, written atomically after every point. The minutes are training wall
+time only: the evaluations themselves are not counted, and `minutes_before` (e.g. the MLLM stage 1) is added, so the x-axis reads "minutes of MLLM training".
 `plot_vqa_curves` draws one or more such curves (overall and per question type) into a PNG.
 """
 
@@ -139,7 +139,7 @@ class VQACurveCallback(TrainerCallback):
         return point
 
     def _t2i_scores(self, model: Any, step: int) -> dict:
-        """T2I accuracy (%) of the split's first `t2i_prompts` prompts, overall and per tag, drawn now."""
+        """T2I accuracy (%) of a seeded subset of `t2i_prompts` of the split's prompts, overall and per tag, drawn now."""
         from eval.t2i_tasks import run_t2i
         from eval.tasks import EvalSettings
 
