@@ -5,8 +5,8 @@ answers a fixed, seeded subset of a split's VQA questions with the model being t
 prompt and the official accuracy, `eval.tasks.run_vqa`), with `t2i_prompts` > 0 also draws a fixed, seeded subset
 of `t2i_prompts` of the split's text-to-image prompts and scores them with the scene parser (`eval.t2i_tasks.run_t2i`),
 and appends a point to `<out>/vqa_curve.json`, written atomically after every point. The minutes are training wall
-time only: the evaluations themselves are not counted, and `minutes_before` (e.g. the MLLM stage 1) is added, so the x-axis reads "minutes of MLLM training".
-`plot_vqa_curves` draws one or more such curves (overall and per question type) into a PNG.
+time only: the evaluations themselves are not counted, and `minutes_before` (e.g. the MLLM stage 1) is added, so
+the x-axis reads "minutes of MLLM training". `plot_vqa_curves` draws one or more such curves (overall and per question type) into a PNG.
 """
 
 from __future__ import annotations
