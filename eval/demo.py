@@ -64,14 +64,14 @@ class DemoSettings:
     curve_t2i_prompts: int = 0
 
     def __post_init__(self):
-        for name in ("stage1_batch_size", "stage2_batch_size", "t2i_batch_size", "vqa_repeat"):
+        minimums = dict.fromkeys(
+            ("stage1_batch_size", "stage2_batch_size", "t2i_batch_size", "vqa_repeat"), 1
+        )
+        minimums |= dict.fromkeys(("t2i_steps", "curve_t2i_prompts"), 0)
+        for name, minimum in minimums.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DemoSettings.{name}: expected an integer >= 1, got {value!r}")
-        for name in ("t2i_steps", "curve_t2i_prompts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"DemoSettings.{name}: expected an integer >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"DemoSettings.{name}: expected an integer >= {minimum}, got {value!r}")
         share = self.t2i_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ValueError(f"DemoSettings.t2i_share: expected a number in (0, 1], got {share!r}")
@@ -410,7 +410,7 @@ def t2i_mixture(conversations: int, prompts: int, share: float) -> dict[str, flo
 
 
 def stage_mllm_t2i(ctx: DemoContext) -> dict:
-    from eval.learning_curve import read_curve
+    from eval.learning_curve import CURVE_FILE, read_curve
     from train.data import load_llava, load_prompts
 
     s, stage2 = ctx.settings, ctx.path("mllm")
@@ -426,7 +426,7 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
         "--model_overrides", json.dumps({"output_semantic_dropout": 1.0}),
         *(f"--{name}={value:.6f}" for name, value in mixture.items()),
     ]  # fmt: skip
-    stage2_curve = read_curve(stage2 / "vqa_curve" / "vqa_curve.json")
+    stage2_curve = read_curve(stage2 / "vqa_curve" / CURVE_FILE)
     minutes_before = (
         stage2_curve[-1]["train_minutes"]
         if stage2_curve
