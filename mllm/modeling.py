@@ -402,7 +402,9 @@ class DualTokenMLLM(PreTrainedModel):
             index = torch.arange(cells, device=reference.device)
             out = out.index_put(
                 (outputs,),
-                self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs), index),
+                self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs), index).to(
+                    out.dtype
+                ),
             )
         if semantic_codes is not None and (
             pixel_codes is not None or self.understanding_projector is not None
@@ -414,7 +416,7 @@ class DualTokenMLLM(PreTrainedModel):
                 cell_embeds = self.input_cell_norm(cell_embeds - cell_embeds.mean(dim=-2, keepdim=True))
             if self.image_cell_position is not None:
                 cell_embeds = cell_embeds + self.image_cell_position.to(cell_embeds.dtype)
-            out = out.index_put((inputs,), cell_embeds)
+            out = out.index_put((inputs,), cell_embeds.to(out.dtype))
         return out
 
     def embed_inputs(

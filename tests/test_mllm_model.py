@@ -259,6 +259,25 @@ def test_visual_loss_covers_output_images_only(micro):
     assert torch.allclose(out.loss, out.loss_text + out.loss_pixel + out.loss_semantic)
 
 
+def test_forward_and_backward_run_under_bf16_autocast(micro):
+    """The Trainer's `--bf16` wraps the forward in autocast: fp32 weights, bf16 matmul outputs. Input and output
+    cells must both reach the sequence (a dtype mismatch there used to stop every bf16 run on its first batch)."""
+    model, processor = micro
+    batch = _batch(model, processor)
+    reference = model(**batch)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert abs(out.loss.item() - reference.loss.item()) < 0.05 * reference.loss.item()
+    assert model.pixel_projector.fc1.weight.grad is not None
+    assert model.understanding_projector is None or any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.understanding_projector.parameters()
+    )
+    model.zero_grad()
+
+
 @pytest.mark.parametrize("mode", ["semantic", "semantic+pixel"])
 def test_understanding_token_modes(text_tokenizer, mode):
     model, processor = build_micro(text_tokenizer, understanding_tokens=mode)
