@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def _demo(args) -> int:
             "threads",
             "curve_every",
             "curve_t2i_prompts",
+            "bf16",
         )
         if getattr(args, name) is not None
     }
@@ -120,7 +122,14 @@ def _eval_t2i(args) -> int:
     from eval.t2i_tasks import run_t2i
 
     model, processor = _load(args)
-    overrides = {"cfg_scale": args.cfg} if args.cfg is not None else None
+    sampling = {
+        "cfg_scale": args.cfg,
+        "cfg_plausibility": args.cfg_plausibility,
+        "image_temperature": args.image_temperature,
+        "image_top_k": args.image_top_k,
+        "image_top_p": args.image_top_p,
+    }
+    overrides = {k: v for k, v in sampling.items() if v is not None} or None
     return _print_metrics(
         run_t2i(
             model,
@@ -199,6 +208,20 @@ def register_eval(subparsers) -> None:
     t2i.add_argument("--prompts", required=True, help="prompts JSONL (prompt_id, prompt, tag, heldout, spec)")
     t2i.add_argument("--n", type=int, default=1, help="images per prompt")
     t2i.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 3.0)")
+    t2i.add_argument(
+        "--cfg-plausibility",
+        type=float,
+        default=None,
+        help="with CFG, sample only codes whose conditional probability is at least this share of the best one "
+        "(default 0.01 for small codebooks, 0 for paper-sized ones)",
+    )
+    t2i.add_argument(
+        "--image-temperature", type=float, default=None, help="image code temperature; <= 0 is greedy (default 1)"
+    )
+    t2i.add_argument(
+        "--image-top-k", type=int, default=None, help="image codes: keep the k best (default 64 small / 900 paper)"
+    )
+    t2i.add_argument("--image-top-p", type=float, default=None, help="image codes: nucleus share (default 0.96)")
     t2i.add_argument(
         "--real-images",
         help="folder of real PNGs: adds the FD of generated vs real images on teacher SigLIP features",
@@ -282,6 +305,12 @@ def register(subparsers) -> None:
         "--eval-limit", type=int, help="samples per evaluation task (and questions per VQA curve point)"
     )
     budget.add_argument("--threads", type=int, help="torch threads")
+    budget.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast in the teacher, tokenizer and MLLM training stages (faster on CPUs with native bf16 "
+        "matmuls, slower elsewhere; default off)",
+    )
     budget.add_argument(
         "--curve-every",
         type=int,

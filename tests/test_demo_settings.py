@@ -179,3 +179,43 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
     assert (
         "--prompt_repeat=3.000000" in argv and "--conversation_repeat=1.000000" in argv
     )  # 9 conversations, 3 x 3 prompts
+
+
+def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tmp_path, monkeypatch, capsys):
+    import eval.cli as cli
+    import tokenizer.teacher as teacher
+    import train.mllm_train as mllm_train
+    from eval import demo
+
+    settings = []
+    monkeypatch.setattr(cli, "run_demo", lambda out, s, **kwargs: settings.append(s))
+    out = str(tmp_path / "run")
+    for flag in ([], ["--bf16"], ["--no-bf16"]):
+        assert main(["demo", "--out", out, *flag]) == 0
+    assert [s.bf16 for s in settings] == [False, True, False]
+    with pytest.raises(ValueError, match="DemoSettings.bf16"):
+        DemoSettings(bf16="yes")
+
+    seen = []
+
+    def fake_teacher(data_dir, out, settings, resume):
+        seen.append(("teacher", settings.bf16))
+        raise RuntimeError("stop")
+
+    def fake_mllm(argv, callbacks=None):
+        seen.append(("mllm", argv[argv.index("--bf16") + 1]))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(teacher, "train_teacher", fake_teacher)
+    monkeypatch.setattr(mllm_train, "main", fake_mllm)
+    _write_split(tmp_path, RECORDS)
+    for bf16 in (False, True):
+        ctx = DemoContext(tmp_path, DemoSettings(bf16=bf16, curve_every=0))
+        for stage in (demo.stage_teacher, demo.stage_mllm_stage1, demo.stage_mllm_stage2):
+            with pytest.raises(RuntimeError, match="stop"):
+                stage(ctx)
+        seen.append(("tokenizer", demo._tokenizer_settings(ctx).mixed_precision))
+    assert seen == [
+        ("teacher", False), ("mllm", "false"), ("mllm", "false"), ("tokenizer", "auto"),
+        ("teacher", True), ("mllm", "true"), ("mllm", "true"), ("tokenizer", "bf16"),
+    ]  # fmt: skip

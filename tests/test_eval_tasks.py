@@ -501,3 +501,26 @@ def test_generated_vs_real_fd_is_zero_for_the_real_set_and_grows_for_noise(tmp_p
     assert t2i_tasks.generated_vs_real_fd(noise, real_dir, tmp_path / "teacher")["value"] > 1.0
     with pytest.raises(ValueError, match="need >= 2 images"):
         t2i_tasks.generated_vs_real_fd(real[:1], real_dir, tmp_path / "teacher")
+
+
+def test_eval_t2i_sampling_flags_reach_the_generation_settings(monkeypatch, capsys):
+    import eval.cli as cli
+    import eval.t2i_tasks as t2i_tasks
+    from mllm.console import main
+
+    seen = []
+    monkeypatch.setattr(cli, "_load", lambda args: ("model", "processor"))
+
+    def fake_run(model, processor, prompts, out, settings, n, generation_overrides=None, **kwargs):
+        seen.append(generation_overrides)
+        return {"overall": 0.0}
+
+    monkeypatch.setattr(t2i_tasks, "run_t2i", fake_run)
+    base = ["eval", "t2i", "--model", "m", "--out", "o", "--prompts", "p.jsonl"]
+    assert main(base) == 0
+    flags = ["--cfg", "6", "--cfg-plausibility", "0", "--image-temperature", "0.7", "--image-top-k", "8"]
+    assert main([*base, *flags, "--image-top-p", "0.9"]) == 0
+    assert seen == [
+        None,
+        {"cfg_scale": 6.0, "cfg_plausibility": 0.0, "image_temperature": 0.7, "image_top_k": 8, "image_top_p": 0.9},
+    ]
