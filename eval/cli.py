@@ -216,12 +216,20 @@ def register_eval(subparsers) -> None:
         "(default 0.01 for small codebooks, 0 for paper-sized ones)",
     )
     t2i.add_argument(
-        "--image-temperature", type=float, default=None, help="image code temperature; <= 0 is greedy (default 1)"
+        "--image-temperature",
+        type=float,
+        default=None,
+        help="image code temperature; <= 0 is greedy (default 1)",
     )
     t2i.add_argument(
-        "--image-top-k", type=int, default=None, help="image codes: keep the k best (default 64 small / 900 paper)"
+        "--image-top-k",
+        type=int,
+        default=None,
+        help="image codes: keep the k best (default 64 small / 900 paper)",
     )
-    t2i.add_argument("--image-top-p", type=float, default=None, help="image codes: nucleus share (default 0.96)")
+    t2i.add_argument(
+        "--image-top-p", type=float, default=None, help="image codes: nucleus share (default 0.96)"
+    )
     t2i.add_argument(
         "--real-images",
         help="folder of real PNGs: adds the FD of generated vs real images on teacher SigLIP features",

@@ -402,9 +402,9 @@ class DualTokenMLLM(PreTrainedModel):
             index = torch.arange(cells, device=reference.device)
             out = out.index_put(
                 (outputs,),
-                self.output_cell_embedding(flat(pixel_codes, outputs), flat(semantic_codes, outputs), index).to(
-                    out.dtype
-                ),
+                self.output_cell_embedding(
+                    flat(pixel_codes, outputs), flat(semantic_codes, outputs), index
+                ).to(out.dtype),
             )
         if semantic_codes is not None and (
             pixel_codes is not None or self.understanding_projector is not None

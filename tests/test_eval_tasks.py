@@ -522,5 +522,11 @@ def test_eval_t2i_sampling_flags_reach_the_generation_settings(monkeypatch, caps
     assert main([*base, *flags, "--image-top-p", "0.9"]) == 0
     assert seen == [
         None,
-        {"cfg_scale": 6.0, "cfg_plausibility": 0.0, "image_temperature": 0.7, "image_top_k": 8, "image_top_p": 0.9},
+        {
+            "cfg_scale": 6.0,
+            "cfg_plausibility": 0.0,
+            "image_temperature": 0.7,
+            "image_top_k": 8,
+            "image_top_p": 0.9,
+        },
     ]
