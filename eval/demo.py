@@ -292,7 +292,7 @@ def _train_mllm(
         "--max_steps", str(steps),
         "--per_device_train_batch_size", str(batch_size),
         "--seed", str(ctx.settings.seed),
-        "--bf16", str(ctx.settings.bf16).lower(),
+        *_bf16_args(ctx.settings.bf16, torch.cuda.is_available()),
         *extra,
     ]  # fmt: skip
     trainer = train_main(argv, callbacks=callbacks)
@@ -307,6 +307,14 @@ def _train_mllm(
         "log": history[-3:],
         "throughput": throughput,
     }
+
+
+def _bf16_args(bf16: bool, cuda: bool) -> list[str]:
+    """Trainer flags for `DemoSettings.bf16`: off leaves the trainer's own default (on with a bf16 GPU); on a machine
+    without CUDA, bf16 autocast needs the trainer told to run on the CPU."""
+    if not bf16:
+        return []
+    return ["--bf16", "true"] if cuda else ["--bf16", "true", "--use_cpu", "true"]
 
 
 def _stage1_args(ctx: DemoContext, model_overrides: dict | None = None) -> list[str]:

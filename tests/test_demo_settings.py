@@ -182,6 +182,8 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
 
 
 def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tmp_path, monkeypatch, capsys):
+    import torch
+
     import eval.cli as cli
     import tokenizer.teacher as teacher
     import train.mllm_train as mllm_train
@@ -203,11 +205,12 @@ def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tm
         raise RuntimeError("stop")
 
     def fake_mllm(argv, callbacks=None):
-        seen.append(("mllm", argv[argv.index("--bf16") + 1]))
+        seen.append(("mllm", " ".join(argv[argv.index("--bf16") :][:4]) if "--bf16" in argv else None))
         raise RuntimeError("stop")
 
     monkeypatch.setattr(teacher, "train_teacher", fake_teacher)
     monkeypatch.setattr(mllm_train, "main", fake_mllm)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _write_split(tmp_path, RECORDS)
     for bf16 in (False, True):
         ctx = DemoContext(tmp_path, DemoSettings(bf16=bf16, curve_every=0))
@@ -216,6 +219,8 @@ def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tm
                 stage(ctx)
         seen.append(("tokenizer", demo._tokenizer_settings(ctx).mixed_precision))
     assert seen == [
-        ("teacher", False), ("mllm", "false"), ("mllm", "false"), ("tokenizer", "auto"),
-        ("teacher", True), ("mllm", "true"), ("mllm", "true"), ("tokenizer", "bf16"),
+        ("teacher", False), ("mllm", None), ("mllm", None), ("tokenizer", "auto"),
+        ("teacher", True), ("mllm", "--bf16 true --use_cpu true"), ("mllm", "--bf16 true --use_cpu true"),
+        ("tokenizer", "bf16"),
     ]  # fmt: skip
+    assert demo._bf16_args(True, cuda=True) == ["--bf16", "true"] and demo._bf16_args(False, cuda=True) == []
