@@ -22,7 +22,7 @@ from data_recipes.atomic_io import atomic_write_json
 
 @dataclass
 class DemoSettings:
-    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (20.7-24.4 minutes from a fresh clone,
+    """Budget of the demo; the defaults are what `make demo` runs on 2 CPU cores (20.7-26.1 minutes from a fresh clone,
     install included, measured on the development machine)."""
 
     scenes: int = 12000
@@ -56,7 +56,8 @@ class DemoSettings:
     probe_steps: int = 1500  # optimizer steps per code probe (tokenizer_eval, 2,000 train images)
     threads: int = 2
     # bf16 autocast in the teacher, tokenizer and MLLM training stages (weights and optimizer stay fp32). On a CPU
-    # with native bf16 matmuls (AVX512-BF16 / AMX) the steps run faster; elsewhere bf16 is emulated and slower.
+    # with native bf16 matmuls (AVX512-BF16 / AMX) the teacher and tokenizer ran 1.3-1.4x faster and the MLLM no
+    # faster, and the teacher came out far weaker (README "bf16 autocast on the CPU"); elsewhere bf16 is emulated.
     bf16: bool = False
     # VQA on the validation split every `curve_every` stage-2 steps (0: off): accuracy against MLLM training
     # minutes (`eval.learning_curve`), in REPORT.md as a table and a plot.
