@@ -120,8 +120,8 @@ def _eval_chat(args) -> int:
 
 def _eval_t2i(args) -> int:
     from eval.t2i_tasks import run_t2i
+    from mllm.generation import GenerationSettings
 
-    model, processor = _load(args)
     sampling = {
         "cfg_scale": args.cfg,
         "cfg_plausibility": args.cfg_plausibility,
@@ -130,6 +130,12 @@ def _eval_t2i(args) -> int:
         "image_top_p": args.image_top_p,
     }
     overrides = {k: v for k, v in sampling.items() if v is not None} or None
+    try:  # the settings' own checks, before the model is loaded
+        GenerationSettings(**(overrides or {}))
+    except ValueError as error:
+        print(f"dualtoken eval t2i: error: {error}", file=sys.stderr)
+        return 2
+    model, processor = _load(args)
     return _print_metrics(
         run_t2i(
             model,

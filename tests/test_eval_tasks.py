@@ -530,3 +530,7 @@ def test_eval_t2i_sampling_flags_reach_the_generation_settings(monkeypatch, caps
             "image_top_p": 0.9,
         },
     ]
+    for bad, field in ((["--image-top-p", "2"], "image_top_p"), (["--cfg", "-1"], "cfg_scale")):
+        assert main([*base, *bad]) == 2
+        assert f"dualtoken eval t2i: error: GenerationSettings.{field}" in capsys.readouterr().err
+    assert len(seen) == 2  # refused before loading or drawing anything
