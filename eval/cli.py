@@ -28,6 +28,7 @@ def _demo(args) -> int:
             "t2i_steps",
             "t2i_batch_size",
             "t2i_share",
+            "t2i_caption_share",
             "probe_steps",
             "threads",
             "curve_every",
@@ -313,6 +314,13 @@ def register(subparsers) -> None:
         type=float,
         help="share of text-to-image prompts among the text-to-image stage's examples, the rest stage 2's "
         f"conversations (default {DemoSettings.t2i_share:g})",
+    )
+    budget.add_argument(
+        "--t2i-caption-share",
+        type=float,
+        help="share of the text-to-image stage's text-to-image examples written as the train split's scene "
+        "captions (every object named) instead of GenEval-style prompts, same number of examples "
+        f"(default {DemoSettings.t2i_caption_share:g})",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_recipes.atomic_io import atomic_write_json
+from data_recipes.atomic_io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -49,6 +49,10 @@ class DemoSettings:
     t2i_steps: int = 0
     t2i_batch_size: int = 32
     t2i_share: float = 0.75
+    # Share of the text-to-image stage's text-to-image examples whose text is one of the train split's scene
+    # captions (captions.json: every object named, most forms with its place) instead of a GenEval-style prompt,
+    # which names only what its tag checks (0: prompts only). Same number of text-to-image examples either way.
+    t2i_caption_share: float = 0.0
     eval_vqa: int = 400
     eval_captions: int = 100
     eval_chat: int = 150
@@ -79,6 +83,9 @@ class DemoSettings:
         share = self.t2i_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ValueError(f"DemoSettings.t2i_share: expected a number in (0, 1], got {share!r}")
+        share = self.t2i_caption_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ValueError(f"DemoSettings.t2i_caption_share: expected a number in [0, 1), got {share!r}")
         weight = self.teacher_dense_loss_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(
@@ -270,9 +277,11 @@ def _train_mllm(
     extra: list[str],
     callbacks: list | None = None,
     llava_files: list[Path] | None = None,
+    prompt_files: list[Path] | None = None,
 ) -> dict:
     """Train one MLLM stage into `output`, continuing from its newest checkpoint when `ctx.resume` and it has one
-    (conversations: `llava_files`, by default the train split's llava.json)."""
+    (conversations: `llava_files`, by default the train split's llava.json; text-to-image prompts: `prompt_files`,
+    by default its prompts.jsonl)."""
     import torch
 
     from train.mllm_train import main as train_main
@@ -287,7 +296,7 @@ def _train_mllm(
     argv = [
         "--config", str(Path(__file__).resolve().parents[1] / "train" / "configs" / config),
         "--llava_files", *(str(f) for f in llava_files or [split / "llava.json"]),
-        "--prompt_files", str(split / "prompts.jsonl"),
+        "--prompt_files", *(str(f) for f in prompt_files or [split / "prompts.jsonl"]),
         "--code_store", str(ctx.path("codes") / "train"),
         "--output_dir", str(output),
         "--max_steps", str(steps),
@@ -427,6 +436,19 @@ def t2i_mixture(conversations: int, prompts: int, share: float) -> dict[str, flo
     return {"conversation_repeat": 1.0, "prompt_repeat": share / (1 - share) * conversations / prompts}
 
 
+def caption_prompts(captions_json: Path, count: int, seed: int) -> list[dict]:
+    """`count` (caption, image) pairs drawn without replacement from a COCO captions file, as prompt records."""
+    import random
+
+    annotations = json.loads(captions_json.read_text())["annotations"]
+    if count > len(annotations):
+        raise ValueError(f"{captions_json}: {count} captions wanted, it holds {len(annotations)}")
+    drawn = random.Random(seed).sample(range(len(annotations)), count)
+    return [
+        {"caption": annotations[i]["caption"], "image_id": annotations[i]["image_id"]} for i in sorted(drawn)
+    ]
+
+
 def stage_mllm_t2i(ctx: DemoContext) -> dict:
     from eval.learning_curve import CURVE_FILE, read_curve
     from train.data import load_llava, load_prompts
@@ -436,9 +458,17 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
         _fresh(ctx.path("mllm_t2i"))
         return {"skipped": "t2i_steps is 0: this budget has no text-to-image stage; stage 2's model is final"}
     split = ctx.data_dir / "train"
-    mixture = t2i_mixture(
-        len(load_llava(split / "llava.json")), len(load_prompts(split / "prompts.jsonl")), s.t2i_share
-    )
+    prompt_files = [split / "prompts.jsonl"]
+    prompts = len(load_prompts(prompt_files[0]))
+    if s.t2i_caption_share:
+        # Captions beside the prompts, as many as make `t2i_caption_share` of the list; the mixture below keeps
+        # the number of text-to-image examples what the prompts alone would get.
+        count = round(prompts * s.t2i_caption_share / (1 - s.t2i_caption_share))
+        prompt_files.append(ctx.out / "mllm_t2i_captions.jsonl")
+        records = caption_prompts(split / "captions.json", count, s.seed)
+        atomic_write_text(prompt_files[-1], "".join(json.dumps(r) + "\n" for r in records))
+        prompts += count
+    mixture = t2i_mixture(len(load_llava(split / "llava.json")), prompts, s.t2i_share)
     extra = [
         "--model_name_or_path", str(stage2),
         "--model_overrides", json.dumps({"output_semantic_dropout": 1.0}),
@@ -452,8 +482,10 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
     )
     out = ctx.path("mllm_t2i")
     callbacks = _curve(ctx, stage2, out / "vqa_curve", minutes_before, s.curve_t2i_prompts)
-    summary = _train_mllm(ctx, "tiny_t2i.yaml", out, s.t2i_steps, s.t2i_batch_size, extra, callbacks)
-    summary["mixture"] = mixture
+    summary = _train_mllm(
+        ctx, "tiny_t2i.yaml", out, s.t2i_steps, s.t2i_batch_size, extra, callbacks, prompt_files=prompt_files
+    )
+    summary["mixture"] = mixture | {"prompt_files": [str(f) for f in prompt_files], "prompts": prompts}
     if callbacks:
         summary["vqa_curve"] = _curve_summary(callbacks)
     return summary

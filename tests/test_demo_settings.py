@@ -5,6 +5,7 @@ refused before anything is written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,7 +142,13 @@ def test_the_text_to_image_stage_is_off_by_default_and_on_in_the_long_budget(tmp
     (tmp_path / "mllm_t2i").mkdir()
     summary = demo.stage_mllm_t2i(DemoContext(tmp_path, settings[0]))
     assert "skipped" in summary and not (tmp_path / "mllm_t2i").exists()
-    for flag, bad in (("--t2i-share", "0"), ("--t2i-share", "1.5"), ("--t2i-steps", "-1")):
+    for flag, bad in (
+        ("--t2i-share", "0"),
+        ("--t2i-share", "1.5"),
+        ("--t2i-steps", "-1"),
+        ("--t2i-caption-share", "1"),
+        ("--t2i-caption-share", "-0.1"),
+    ):
         assert main(["demo", "--out", out, flag, bad]) == 2
         assert "DemoSettings.t2i_" in capsys.readouterr().err
 
@@ -179,6 +186,48 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
     assert (
         "--prompt_repeat=3.000000" in argv and "--conversation_repeat=1.000000" in argv
     )  # 9 conversations, 3 x 3 prompts
+
+
+def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_examples(tmp_path, monkeypatch):
+    import train.mllm_train as mllm_train
+    from eval import demo
+
+    seen = []
+
+    def fake_main(argv, callbacks=None):
+        seen.append(argv)
+        raise RuntimeError("stop after the arguments")
+
+    monkeypatch.setattr(mllm_train, "main", fake_main)
+    _write_split(
+        tmp_path, [{"id": f"{i}-vqa", "conversations": [{"from": "human", "value": "q"}]} for i in range(9)]
+    )
+    train = tmp_path / "data" / "train"
+    (train / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": "a red circle", "image_id": i}) + "\n" for i in range(3))
+    )
+    annotations = [{"id": i, "image_id": i // 2, "caption": f"caption {i}"} for i in range(20)]
+    (train / "captions.json").write_text(json.dumps({"images": [], "annotations": annotations}))
+    settings = DemoSettings(t2i_steps=5, t2i_share=0.5, t2i_caption_share=0.5, curve_every=0)
+    with pytest.raises(RuntimeError, match="stop after the arguments"):
+        demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
+    argv = seen[0]
+    files = argv[argv.index("--prompt_files") + 1 : argv.index("--code_store")]
+    assert files == [str(train / "prompts.jsonl"), str(tmp_path / "mllm_t2i_captions.jsonl")]
+    records = [json.loads(line) for line in Path(files[1]).read_text().splitlines()]
+    # As many captions as prompts (share 0.5), distinct, each with its own image.
+    assert len(records) == 3 and len({r["caption"] for r in records}) == 3
+    assert all(r["image_id"] == int(r["caption"].split()[1]) // 2 for r in records)
+    # 9 conversations and 6 prompt records: half the examples text-to-image, as with the 3 prompts alone.
+    assert "--prompt_repeat=1.500000" in argv and "--conversation_repeat=1.000000" in argv
+    with pytest.raises(ValueError, match="6 captions wanted, it holds 2"):
+        demo.caption_prompts(_captions_file(tmp_path, annotations[:2]), 6, seed=0)
+
+
+def _captions_file(tmp_path, annotations):
+    path = tmp_path / "few_captions.json"
+    path.write_text(json.dumps({"images": [], "annotations": annotations}))
+    return path
 
 
 def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tmp_path, monkeypatch, capsys):
