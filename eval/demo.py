@@ -437,16 +437,22 @@ def t2i_mixture(conversations: int, prompts: int, share: float) -> dict[str, flo
 
 
 def caption_prompts(captions_json: Path, count: int, seed: int) -> list[dict]:
-    """`count` (caption, image) pairs drawn without replacement from a COCO captions file, as prompt records."""
+    """`count` (caption, image) pairs drawn without replacement from a COCO captions file, as prompt records (the
+    image named by its file, as the code store keys it)."""
     import random
 
-    annotations = json.loads(captions_json.read_text())["annotations"]
+    data = json.loads(captions_json.read_text())
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    annotations = data["annotations"]
     if count > len(annotations):
         raise ValueError(f"{captions_json}: {count} captions wanted, it holds {len(annotations)}")
-    drawn = random.Random(seed).sample(range(len(annotations)), count)
-    return [
-        {"caption": annotations[i]["caption"], "image_id": annotations[i]["image_id"]} for i in sorted(drawn)
-    ]
+    records = []
+    for i in sorted(random.Random(seed).sample(range(len(annotations)), count)):
+        image_id = annotations[i]["image_id"]
+        if image_id not in files:
+            raise ValueError(f"{captions_json}: annotations[{i}].image_id {image_id!r} is not in its images")
+        records.append({"caption": annotations[i]["caption"], "image_id": image_id, "file": files[image_id]})
+    return records
 
 
 def stage_mllm_t2i(ctx: DemoContext) -> dict:

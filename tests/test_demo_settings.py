@@ -207,7 +207,8 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
         "".join(json.dumps({"prompt": "a red circle", "image_id": i}) + "\n" for i in range(3))
     )
     annotations = [{"id": i, "image_id": i // 2, "caption": f"caption {i}"} for i in range(20)]
-    (train / "captions.json").write_text(json.dumps({"images": [], "annotations": annotations}))
+    images = [{"id": i, "file_name": f"images/{i:07d}.png"} for i in range(10)]
+    (train / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     settings = DemoSettings(t2i_steps=5, t2i_share=0.5, t2i_caption_share=0.5, curve_every=0)
     with pytest.raises(RuntimeError, match="stop after the arguments"):
         demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
@@ -218,15 +219,18 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
     # As many captions as prompts (share 0.5), distinct, each with its own image.
     assert len(records) == 3 and len({r["caption"] for r in records}) == 3
     assert all(r["image_id"] == int(r["caption"].split()[1]) // 2 for r in records)
+    assert all(r["file"] == f"images/{r['image_id']:07d}.png" for r in records)
     # 9 conversations and 6 prompt records: half the examples text-to-image, as with the 3 prompts alone.
     assert "--prompt_repeat=1.500000" in argv and "--conversation_repeat=1.000000" in argv
     with pytest.raises(ValueError, match="6 captions wanted, it holds 2"):
-        demo.caption_prompts(_captions_file(tmp_path, annotations[:2]), 6, seed=0)
+        demo.caption_prompts(_captions_file(tmp_path, images, annotations[:2]), 6, seed=0)
+    with pytest.raises(ValueError, match=r"annotations\[0\].image_id 0 is not in its images"):
+        demo.caption_prompts(_captions_file(tmp_path, images[1:], annotations[:2]), 2, seed=0)
 
 
-def _captions_file(tmp_path, annotations):
+def _captions_file(tmp_path, images, annotations):
     path = tmp_path / "few_captions.json"
-    path.write_text(json.dumps({"images": [], "annotations": annotations}))
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
 
 
