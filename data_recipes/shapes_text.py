@@ -413,27 +413,6 @@ def distinct_vqa_items(
     return balanced
 
 
-# ---------------------------------------------------------------------------------------------------- plans
-# A text-to-image plan: the request turns a short prompt ("a blue circle above a purple cross") into a full caption
-# of a scene that satisfies it (every object with size, color, shape and place, in row-major order: the order the
-# generator draws its cells in); the image is then drawn from that caption.
-PLAN_REQUEST = "Describe a picture of {prompt}."
-
-
-def plan_request(prompt: str) -> str:
-    return PLAN_REQUEST.format(prompt=prompt.strip().rstrip("."))
-
-
-def plan_caption(scene: Scene) -> str:
-    """The plan written for `scene`: its row-major caption ('A small blue diamond at the top and ...')."""
-    return captions(scene)[0]
-
-
-def plan_conversation(prompt: str, scene: Scene) -> list[dict[str, str]]:
-    """A text-only LLaVA conversation: the plan request for `prompt`, answered by `scene`'s plan caption."""
-    return [{"from": "human", "value": plan_request(prompt)}, {"from": "gpt", "value": plan_caption(scene)}]
-
-
 # ---------------------------------------------------------------------------------------------------- chats
 def caption_request(scene: Scene, rng: random.Random) -> list[dict[str, str]]:
     """A single-turn LLaVA conversation asking for a caption."""

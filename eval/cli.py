@@ -29,7 +29,6 @@ def _demo(args) -> int:
             "t2i_batch_size",
             "t2i_share",
             "t2i_caption_share",
-            "t2i_plan_repeat",
             "probe_steps",
             "threads",
             "curve_every",
@@ -150,7 +149,6 @@ def _eval_t2i(args) -> int:
             real_images=args.real_images,
             teacher_dir=args.teacher,
             reference=args.reference,
-            plan=args.plan,
         )
     )
 
@@ -252,12 +250,6 @@ def register_eval(subparsers) -> None:
         help="also score each prompt's own image ('file' in its spec) and its reconstruction through the "
         "image tokenizer: the ceiling of the metric for this tokenizer",
     )
-    t2i.add_argument(
-        "--plan",
-        action="store_true",
-        help="the model first rewrites each prompt into a full scene caption (its plan, kept in t2i_samples.jsonl) "
-        "and draws from that; for models trained with plan conversations (dualtoken demo --t2i-plan-repeat)",
-    )
     t2i.set_defaults(func=_eval_t2i)
 
     from tokenizer.evaluate import register as register_tokenizer_eval
@@ -329,13 +321,6 @@ def register(subparsers) -> None:
         help="share of the text-to-image stage's text-to-image examples written as the train split's scene "
         "captions (every object named) instead of GenEval-style prompts, same number of examples "
         f"(default {DemoSettings.t2i_caption_share:g})",
-    )
-    budget.add_argument(
-        "--t2i-plan-repeat",
-        type=int,
-        help="text-to-image plans: the text-to-image stage also trains, this many times over, a text-only "
-        "conversation per train prompt that rewrites it into its scene's full caption, and the evaluation draws "
-        "from the model's own plans (default 0: no plans)",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(

@@ -53,11 +53,6 @@ class DemoSettings:
     # captions (captions.json: every object named, most forms with its place) instead of a GenEval-style prompt,
     # which names only what its tag checks (0: prompts only). Same number of text-to-image examples either way.
     t2i_caption_share: float = 0.0
-    # Text-to-image plans: the text-to-image stage also trains a text-only conversation per train prompt ("Describe
-    # a picture of a blue circle above a purple cross." -> the full row-major caption of that prompt's scene),
-    # listed this many times beside stage 2's conversations; the evaluation (and the stage's T2I curve) then lets
-    # the model write the plan and draws from it (`dualtoken eval t2i --plan`). 0: no plans.
-    t2i_plan_repeat: int = 0
     eval_vqa: int = 400
     eval_captions: int = 100
     eval_chat: int = 150
@@ -80,7 +75,7 @@ class DemoSettings:
         minimums = dict.fromkeys(
             ("stage1_batch_size", "stage2_batch_size", "t2i_batch_size", "vqa_repeat"), 1
         )
-        minimums |= dict.fromkeys(("t2i_steps", "curve_t2i_prompts", "t2i_plan_repeat"), 0)
+        minimums |= dict.fromkeys(("t2i_steps", "curve_t2i_prompts"), 0)
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -383,14 +378,7 @@ def final_model_dir(run: Path, settings: DemoSettings) -> Path:
     return run / ("mllm_t2i" if settings.t2i_steps else "mllm")
 
 
-def _curve(
-    ctx: DemoContext,
-    model_dir: Path,
-    out: Path,
-    minutes_before: float,
-    t2i_prompts: int = 0,
-    plan: bool = False,
-) -> list:
+def _curve(ctx: DemoContext, model_dir: Path, out: Path, minutes_before: float, t2i_prompts: int = 0) -> list:
     """The VQA (and, with `t2i_prompts`, T2I) curve callback of a stage that starts from `model_dir`, or none
     (`curve_every` 0)."""
     from eval.learning_curve import VQACurveCallback
@@ -409,7 +397,6 @@ def _curve(
             minutes_before=minutes_before,
             seed=s.seed,
             t2i_prompts=t2i_prompts,
-            plan=plan,
         )
     ]
 
@@ -468,35 +455,6 @@ def caption_prompts(captions_json: Path, count: int, seed: int) -> list[dict]:
     return records
 
 
-def plan_conversations(prompts_jsonl: Path, scenes_jsonl: Path) -> list[dict]:
-    """One text-only plan conversation per prompt record (`data_recipes.shapes_text.plan_conversation`: the prompt
-    answered by its image's row-major caption), the scene read from the split's scenes.jsonl by `image_id`."""
-    from data_recipes.shapes import Scene
-    from data_recipes.shapes_text import plan_conversation
-    from train.data import load_prompts, prompt_caption
-
-    scenes = {}
-    for number, line in enumerate(scenes_jsonl.read_text().splitlines(), 1):
-        if line.strip():
-            record = json.loads(line)
-            scenes[record["image_id"]] = Scene.from_dict(
-                record["scene"], where=f"{scenes_jsonl}:{number}.scene"
-            )
-    conversations = []
-    for index, record in enumerate(load_prompts(prompts_jsonl)):
-        if record.get("image_id") not in scenes:
-            raise ValueError(
-                f"{prompts_jsonl}: record {index} has image_id {record.get('image_id')!r}, not in {scenes_jsonl}"
-            )
-        conversations.append(
-            {
-                "id": f"{record.get('prompt_id', index)}-plan",
-                "conversations": plan_conversation(prompt_caption(record), scenes[record["image_id"]]),
-            }
-        )
-    return conversations
-
-
 def stage_mllm_t2i(ctx: DemoContext) -> dict:
     from eval.learning_curve import CURVE_FILE, read_curve
     from train.data import load_llava, load_prompts
@@ -517,12 +475,6 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
         atomic_write_text(prompt_files[-1], "".join(json.dumps(r) + "\n" for r in records))
         prompts += count
     mixture = t2i_mixture(len(load_llava(split / "llava.json")), prompts, s.t2i_share)
-    llava_files = [split / "llava.json"]
-    if s.t2i_plan_repeat:
-        # Plans come on top of the mixture: the text-to-image and understanding examples stay as without them.
-        plans = ctx.out / "mllm_t2i_plans.json"
-        atomic_write_json(plans, plan_conversations(split / "prompts.jsonl", split / "scenes.jsonl"))
-        llava_files += [plans] * s.t2i_plan_repeat
     extra = [
         "--model_name_or_path", str(stage2),
         "--model_overrides", json.dumps({"output_semantic_dropout": 1.0}),
@@ -535,19 +487,9 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
         else (_stage_seconds(ctx, "mllm_stage1") + _stage_seconds(ctx, "mllm_stage2")) / 60
     )
     out = ctx.path("mllm_t2i")
-    callbacks = _curve(
-        ctx, stage2, out / "vqa_curve", minutes_before, s.curve_t2i_prompts, plan=s.t2i_plan_repeat > 0
-    )
+    callbacks = _curve(ctx, stage2, out / "vqa_curve", minutes_before, s.curve_t2i_prompts)
     summary = _train_mllm(
-        ctx,
-        "tiny_t2i.yaml",
-        out,
-        s.t2i_steps,
-        s.t2i_batch_size,
-        extra,
-        callbacks,
-        llava_files=llava_files,
-        prompt_files=prompt_files,
+        ctx, "tiny_t2i.yaml", out, s.t2i_steps, s.t2i_batch_size, extra, callbacks, prompt_files=prompt_files
     )
     summary["mixture"] = mixture | {"prompt_files": [str(f) for f in prompt_files], "prompts": prompts}
     if callbacks:
@@ -567,7 +509,7 @@ def _evaluate_vqa(ctx: DemoContext, model, processor, out: Path) -> dict:
     )  # fmt: skip
 
 
-def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path, plan: bool = False) -> dict:
+def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path) -> dict:
     from eval.t2i_tasks import run_t2i
     from eval.tasks import EvalSettings
 
@@ -581,7 +523,6 @@ def _evaluate_t2i(ctx: DemoContext, model, processor, out: Path, plan: bool = Fa
         real_images=ctx.data_dir / "test" / "images",
         teacher_dir=ctx.path("teacher"),
         reference=True,
-        plan=plan,
     )
 
 
@@ -606,7 +547,7 @@ def stage_evaluate(ctx: DemoContext) -> dict:
         model, processor, test / "llava.json", test, out,
         EvalSettings(batch_size=32, limit=s.eval_chat, max_new_tokens=32, seed=s.seed),
     )  # fmt: skip
-    t2i = _evaluate_t2i(ctx, model, processor, out, plan=bool(s.t2i_steps and s.t2i_plan_repeat))
+    t2i = _evaluate_t2i(ctx, model, processor, out)
     return {"model": str(final), "vqa": vqa, "captions": captions, "chat": chat, "t2i": t2i}
 
 

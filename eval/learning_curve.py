@@ -44,7 +44,6 @@ class VQACurveCallback(TrainerCallback):
         seed: int = 0,
         batch_size: int = 32,
         t2i_prompts: int = 0,
-        plan: bool = False,
     ):
         if every < 1:
             raise ValueError(f"VQACurveCallback: every must be >= 1, got {every}")
@@ -58,7 +57,7 @@ class VQACurveCallback(TrainerCallback):
             if not (self.split_dir / name).exists():
                 raise FileNotFoundError(f"VQACurveCallback: {self.split_dir / name} does not exist")
         self.every, self.questions, self.seed, self.batch_size = every, questions, seed, batch_size
-        self.t2i_prompts, self.plan = t2i_prompts, plan
+        self.t2i_prompts = t2i_prompts
         self.minutes_before = minutes_before
         self.points: list[dict] = []
         self._clock_start = 0.0
@@ -150,7 +149,6 @@ class VQACurveCallback(TrainerCallback):
             self.split_dir / "prompts.jsonl",
             self.out_dir / f"step-{step:06d}",
             EvalSettings(batch_size=16, limit=self.t2i_prompts, seed=self.seed),
-            plan=self.plan,
         )["all"]
         return {
             "overall": 100 * scored["overall"],

@@ -30,13 +30,9 @@ def run_t2i(
     real_images: str | os.PathLike | None = None,
     teacher_dir: str | os.PathLike | None = None,
     reference: bool = False,
-    plan: bool = False,
 ) -> dict[str, Any]:
     """Draw `images_per_prompt` images per prompt spec, save them as PNGs and verify each with the scene parser
     (GenEval-style accuracy per tag, overall, seen vs held-out).
-
-    With `plan`, the model first rewrites each prompt into a full scene caption (`mllm.generation.plan_captions`,
-    greedy) and draws from that; the plan is kept in `t2i_samples.jsonl` next to the prompt's files.
 
     With `reference`, the metrics add `reference`: the same check on each scored prompt's own image (its spec's
     `file`, relative to the prompts file's folder) and on that image's reconstruction through the model's image
@@ -51,7 +47,7 @@ def run_t2i(
     default the one the model's image tokenizer was distilled from), not Inception features. With few images the
     covariances are rank-deficient and the number is only comparable between runs of the same size."""
     from eval.t2i_scoring import load_prompt_specs, score_t2i
-    from mllm.generation import GenerationSettings, generate_images, plan_captions
+    from mllm.generation import GenerationSettings, generate_images
 
     settings = settings or EvalSettings()
     out_dir = Path(out_dir)
@@ -73,23 +69,19 @@ def run_t2i(
         # Row r of a call with seed s samples from stream s + r; starting each call at its first prompt's global
         # row keeps every image identical whatever the batch size or the point a resumed run starts from.
         first_row = position[str(batch[0]["prompt_id"])] * images_per_prompt
-        texts = [s["prompt"] for s in batch]
-        plans = plan_captions(model, processor, texts) if plan else None
         result = generate_images(
             model,
             processor,
-            plans or texts,
+            [s["prompt"] for s in batch],
             generation.with_overrides(seed=settings.seed + first_row),
         )
         rows = []
-        for k, (spec, images) in enumerate(zip(batch, result.images)):
+        for spec, images in zip(batch, result.images):
             files = []
             for j, image in enumerate(images):
                 path = atomic_save_png(image, image_dir / f"{spec['prompt_id']}_{j}.png")
                 files.append(path.name)
-            rows.append(
-                {"prompt_id": spec["prompt_id"], "files": files, **({"plan": plans[k]} if plans else {})}
-            )
+            rows.append({"prompt_id": spec["prompt_id"], "files": files})
         log.extend(rows)
         bar.update(len(batch))
     bar.close()

@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from data_recipes.shapes_text import plan_request
 from mllm.decoding import _to, check_compatible, decode_step, prefill, sample_cell, stacked_heads
 from mllm.depth_head import StackedDepthHeads
 from mllm.modeling import DualTokenMLLM
@@ -349,23 +348,6 @@ def generate_text(
     """Single-turn convenience: one user message per prompt (with its `<image>` placeholders) -> reply text."""
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     return [reply.text for reply in generate_chat(model, processor, conversations, images, settings)]
-
-
-def plan_captions(
-    model: DualTokenMLLM,
-    processor: DualTokenProcessor,
-    prompts: Sequence[str],
-    settings: GenerationSettings | None = None,
-) -> list[str]:
-    """Text-to-image plans: the model rewrites each short prompt ("a blue circle above a purple cross") into a full
-    caption of a scene that satisfies it (`data_recipes.shapes_text.plan_request`, answered in training by the
-    scene's row-major caption), to draw from with `generate_images`. Text only; `settings` as for chat (greedy by
-    default, at most 128 new tokens unless given)."""
-    settings = (settings or GenerationSettings(max_new_tokens=128)).with_overrides(allow_image_output=False)
-    return [
-        text.strip()
-        for text in generate_text(model, processor, [plan_request(p) for p in prompts], None, settings)
-    ]
 
 
 def _sample_text(

@@ -234,65 +234,6 @@ def _captions_file(tmp_path, images, annotations):
     return path
 
 
-def test_plans_are_listed_beside_the_conversations_without_changing_the_mixture(tmp_path, monkeypatch):
-    import train.mllm_train as mllm_train
-    from eval import demo
-
-    seen = []
-
-    def fake_main(argv, callbacks=None):
-        seen.append(argv)
-        raise RuntimeError("stop after the arguments")
-
-    monkeypatch.setattr(mllm_train, "main", fake_main)
-    _write_split(
-        tmp_path, [{"id": f"{i}-vqa", "conversations": [{"from": "human", "value": "q"}]} for i in range(9)]
-    )
-    train = tmp_path / "data" / "train"
-    scenes = [
-        {"objects": [{"shape": "circle", "color": "blue", "size": "small", "row": 0, "col": 1}]},
-        {
-            "objects": [
-                {"shape": "cross", "color": "red", "size": "large", "row": 2, "col": 0},
-                {"shape": "star", "color": "green", "size": "small", "row": 0, "col": 2},
-            ]
-        },
-    ]
-    (train / "scenes.jsonl").write_text(
-        "".join(json.dumps({"image_id": 10 + i, "scene": scene}) + "\n" for i, scene in enumerate(scenes))
-    )
-    prompts = [
-        {"prompt_id": 7, "prompt": "a blue circle", "image_id": 10},
-        {"prompt_id": 8, "prompt": "a green star above a red cross", "image_id": 11},
-        {"prompt_id": 9, "prompt": "a star", "image_id": 11},
-    ]
-    (train / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    settings = DemoSettings(t2i_steps=5, t2i_share=0.5, t2i_plan_repeat=2, curve_every=0)
-    with pytest.raises(RuntimeError, match="stop after the arguments"):
-        demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
-    argv = seen[0]
-    plans = tmp_path / "mllm_t2i_plans.json"
-    assert argv[argv.index("--llava_files") + 1 : argv.index("--prompt_files")] == [
-        str(train / "llava.json"),
-        str(plans),
-        str(plans),
-    ]
-    assert "--prompt_repeat=3.000000" in argv  # 9 conversations, 3 prompts: the plans do not count
-    records = json.loads(plans.read_text())
-    assert [r["id"] for r in records] == ["7-plan", "8-plan", "9-plan"]
-    assert records[1]["conversations"] == [
-        {"from": "human", "value": "Describe a picture of a green star above a red cross."},
-        {
-            "from": "gpt",
-            "value": "A small green star in the top right corner and a large red cross in the bottom left corner.",
-        },
-    ]
-    prompts.append({"prompt_id": 10, "prompt": "a square", "image_id": 99})
-    (train / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    with pytest.raises(ValueError, match="record 3 has image_id 99"):
-        demo.plan_conversations(train / "prompts.jsonl", train / "scenes.jsonl")
-
-
 def test_the_bf16_flag_reaches_the_teacher_the_tokenizer_and_every_mllm_stage(tmp_path, monkeypatch, capsys):
     import torch
 

@@ -534,32 +534,3 @@ def test_eval_t2i_sampling_flags_reach_the_generation_settings(monkeypatch, caps
         assert main([*base, *bad]) == 2
         assert f"dualtoken eval t2i: error: GenerationSettings.{field}" in capsys.readouterr().err
     assert len(seen) == 2  # refused before loading or drawing anything
-
-
-def test_t2i_with_plans_draws_from_the_models_own_plan_of_each_prompt(setup, tmp_path, monkeypatch):
-    import mllm.generation as generation
-
-    data, model, processor = setup
-    drawn = []
-    original = generation.generate_images
-
-    def recorded(model, processor, captions, *args, **kwargs):
-        drawn.extend(captions)
-        return original(model, processor, captions, *args, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_images", recorded)
-    prompts = data / "test" / "prompts.jsonl"
-    t2i_tasks.run_t2i(
-        model,
-        processor,
-        prompts,
-        tmp_path / "plan",
-        EvalSettings(batch_size=2, limit=3, progress=False),
-        plan=True,
-    )
-    rows = [json.loads(line) for line in (tmp_path / "plan" / "t2i_samples.jsonl").read_text().splitlines()]
-    texts = {str(s["prompt_id"]): s["prompt"] for s in map(json.loads, prompts.read_text().splitlines())}
-    # Each image was drawn from the plan the model wrote for its prompt (greedy: the same plan again), not the prompt.
-    plans = generation.plan_captions(model, processor, [texts[str(r["prompt_id"])] for r in rows])
-    assert [r["plan"] for r in rows] == plans == drawn
-    assert drawn != [texts[str(r["prompt_id"])] for r in rows]
