@@ -29,6 +29,7 @@ def _demo(args) -> int:
             "t2i_batch_size",
             "t2i_share",
             "t2i_caption_share",
+            "t2i_semantic_loss_weight",
             "probe_steps",
             "threads",
             "curve_every",
@@ -321,6 +322,12 @@ def register(subparsers) -> None:
         help="share of the text-to-image stage's text-to-image examples written as the train split's scene "
         "captions (every object named) instead of GenEval-style prompts, same number of examples "
         f"(default {DemoSettings.t2i_caption_share:g})",
+    )
+    budget.add_argument(
+        "--t2i-semantic-loss-weight",
+        type=float,
+        help="the semantic head's loss weight in the text-to-image stage "
+        f"(default {DemoSettings.t2i_semantic_loss_weight:g}, as in stage 2)",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(

@@ -148,6 +148,7 @@ def test_the_text_to_image_stage_is_off_by_default_and_on_in_the_long_budget(tmp
         ("--t2i-steps", "-1"),
         ("--t2i-caption-share", "1"),
         ("--t2i-caption-share", "-0.1"),
+        ("--t2i-semantic-loss-weight", "-1"),
     ):
         assert main(["demo", "--out", out, flag, bad]) == 2
         assert "DemoSettings.t2i_" in capsys.readouterr().err
@@ -182,7 +183,10 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
         tmp_path / "mllm_t2i"
     )
     assert (value("--max_steps"), value("--per_device_train_batch_size")) == ("5", "6")
-    assert json.loads(value("--model_overrides")) == {"output_semantic_dropout": 1.0}
+    assert json.loads(value("--model_overrides")) == {
+        "output_semantic_dropout": 1.0,
+        "semantic_loss_weight": 1.0,
+    }
     assert (
         "--prompt_repeat=3.000000" in argv and "--conversation_repeat=1.000000" in argv
     )  # 9 conversations, 3 x 3 prompts
@@ -209,7 +213,9 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
     annotations = [{"id": i, "image_id": i // 2, "caption": f"caption {i}"} for i in range(20)]
     images = [{"id": i, "file_name": f"images/{i:07d}.png"} for i in range(10)]
     (train / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    settings = DemoSettings(t2i_steps=5, t2i_share=0.5, t2i_caption_share=0.5, curve_every=0)
+    settings = DemoSettings(
+        t2i_steps=5, t2i_share=0.5, t2i_caption_share=0.5, t2i_semantic_loss_weight=0.1, curve_every=0
+    )
     with pytest.raises(RuntimeError, match="stop after the arguments"):
         demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
     argv = seen[0]
@@ -222,6 +228,8 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
     assert all(r["file"] == f"images/{r['image_id']:07d}.png" for r in records)
     # 9 conversations and 6 prompt records: half the examples text-to-image, as with the 3 prompts alone.
     assert "--prompt_repeat=1.500000" in argv and "--conversation_repeat=1.000000" in argv
+    overrides = json.loads(argv[argv.index("--model_overrides") + 1])
+    assert overrides == {"output_semantic_dropout": 1.0, "semantic_loss_weight": 0.1}
     with pytest.raises(ValueError, match="6 captions wanted, it holds 2"):
         demo.caption_prompts(_captions_file(tmp_path, images, annotations[:2]), 6, seed=0)
     with pytest.raises(ValueError, match=r"annotations\[0\].image_id 0 is not in its images"):
