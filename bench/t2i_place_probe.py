@@ -86,7 +86,11 @@ def score(asked: list[ShapeObject], parsed: list[Scene]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved DualTokenMLLM directory")
+    parser.add_argument(
+        "--model",
+        default="runs/demo/mllm",
+        help="a saved DualTokenMLLM directory (default: the demo's final model)",
+    )
     parser.add_argument("--per-place", type=int, default=8, help="captions per layout place")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     from mllm.checkpoint import load_checkpoint
     from mllm.generation import GenerationSettings, generate_images
 
+    if not (Path(args.model) / "config.json").exists():
+        parser.error(f"--model {args.model}: no saved model there (run `make demo` first, or name one)")
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.model)
     asked = probe_objects(args.per_place, args.seed)
