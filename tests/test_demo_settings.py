@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.demo import DemoContext, DemoSettings, _stage2_llava_files
+from eval.demo import DemoContext, DemoSettings, _stage2_llava_files, caption_prompts
 from mllm.console import main
 
 
@@ -154,7 +154,9 @@ def test_the_text_to_image_stage_is_off_by_default_and_on_in_the_long_budget(tmp
         assert "DemoSettings.t2i_" in capsys.readouterr().err
 
 
-def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_path, monkeypatch):
+def _t2i_stage_argv(tmp_path, monkeypatch, settings):
+    """The trainer arguments `stage_mllm_t2i` builds for `settings` over a split of 9 VQA conversations and the
+    train files already written under `tmp_path / data / train` (the trainer itself is not run)."""
     import train.mllm_train as mllm_train
     from eval import demo
 
@@ -165,16 +167,25 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
         raise RuntimeError("stop after the arguments")
 
     monkeypatch.setattr(mllm_train, "main", fake_main)
+    with pytest.raises(RuntimeError, match="stop after the arguments"):
+        demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
+    return seen[0]
+
+
+def _nine_vqa_conversations(tmp_path):
     _write_split(
         tmp_path, [{"id": f"{i}-vqa", "conversations": [{"from": "human", "value": "q"}]} for i in range(9)]
     )
+
+
+def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_path, monkeypatch):
+    _nine_vqa_conversations(tmp_path)
     (tmp_path / "data" / "train" / "prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": "a red circle", "image_id": i}) + "\n" for i in range(3))
     )
-    ctx = DemoContext(tmp_path, DemoSettings(t2i_steps=5, t2i_batch_size=6, t2i_share=0.5, curve_every=0))
-    with pytest.raises(RuntimeError, match="stop after the arguments"):
-        demo.stage_mllm_t2i(ctx)
-    argv = seen[0]
+    argv = _t2i_stage_argv(
+        tmp_path, monkeypatch, DemoSettings(t2i_steps=5, t2i_batch_size=6, t2i_share=0.5, curve_every=0)
+    )
 
     def value(name):
         return argv[argv.index(name) + 1]
@@ -193,19 +204,7 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
 
 
 def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_examples(tmp_path, monkeypatch):
-    import train.mllm_train as mllm_train
-    from eval import demo
-
-    seen = []
-
-    def fake_main(argv, callbacks=None):
-        seen.append(argv)
-        raise RuntimeError("stop after the arguments")
-
-    monkeypatch.setattr(mllm_train, "main", fake_main)
-    _write_split(
-        tmp_path, [{"id": f"{i}-vqa", "conversations": [{"from": "human", "value": "q"}]} for i in range(9)]
-    )
+    _nine_vqa_conversations(tmp_path)
     train = tmp_path / "data" / "train"
     (train / "prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": "a red circle", "image_id": i}) + "\n" for i in range(3))
@@ -216,9 +215,7 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
     settings = DemoSettings(
         t2i_steps=5, t2i_share=0.5, t2i_caption_share=0.5, t2i_semantic_loss_weight=0.1, curve_every=0
     )
-    with pytest.raises(RuntimeError, match="stop after the arguments"):
-        demo.stage_mllm_t2i(DemoContext(tmp_path, settings))
-    argv = seen[0]
+    argv = _t2i_stage_argv(tmp_path, monkeypatch, settings)
     files = argv[argv.index("--prompt_files") + 1 : argv.index("--code_store")]
     assert files == [str(train / "prompts.jsonl"), str(tmp_path / "mllm_t2i_captions.jsonl")]
     records = [json.loads(line) for line in Path(files[1]).read_text().splitlines()]
@@ -231,9 +228,9 @@ def test_the_caption_share_adds_scene_captions_without_adding_text_to_image_exam
     overrides = json.loads(argv[argv.index("--model_overrides") + 1])
     assert overrides == {"output_semantic_dropout": 1.0, "semantic_loss_weight": 0.1}
     with pytest.raises(ValueError, match="6 captions wanted, it holds 2"):
-        demo.caption_prompts(_captions_file(tmp_path, images, annotations[:2]), 6, seed=0)
+        caption_prompts(_captions_file(tmp_path, images, annotations[:2]), 6, seed=0)
     with pytest.raises(ValueError, match=r"annotations\[0\].image_id 0 is not in its images"):
-        demo.caption_prompts(_captions_file(tmp_path, images[1:], annotations[:2]), 2, seed=0)
+        caption_prompts(_captions_file(tmp_path, images[1:], annotations[:2]), 2, seed=0)
 
 
 def _captions_file(tmp_path, images, annotations):
