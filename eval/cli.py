@@ -327,7 +327,7 @@ def register(subparsers) -> None:
         "--t2i-semantic-loss-weight",
         type=float,
         help="the semantic head's loss weight in the text-to-image stage "
-        f"(default {DemoSettings.t2i_semantic_loss_weight:g}, as in stage 2)",
+        "(default: stage 2's model's own, 1 in the tiny preset)",
     )
     budget.add_argument("--probe-steps", type=int, help="optimizer steps per code probe in tokenizer_eval")
     budget.add_argument(

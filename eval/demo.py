@@ -56,10 +56,10 @@ class DemoSettings:
     # "Captions that name every place"), so it stays 0.
     t2i_caption_share: float = 0.0
     # The semantic head's loss weight in the text-to-image stage (the model's `semantic_loss_weight`, set through
-    # `model_overrides`; stage 2's model has 1). With the semantic codes no longer fed back their loss (4.5-5 nats
+    # `model_overrides`; None keeps stage 2's, 1 in the tiny preset). With the semantic codes no longer fed back their loss (4.5-5 nats
     # against the pixel head's 0.4-0.6) is most of the stage's gradient. Measured at the long budget (0.1): the pixel
-    # losses ended where they did and T2I did not rise (README "Captions that name every place"), so it stays 1.
-    t2i_semantic_loss_weight: float = 1.0
+    # losses ended where they did and T2I did not rise (README "Captions that name every place"), so it stays unset.
+    t2i_semantic_loss_weight: float | None = None
     eval_vqa: int = 400
     eval_captions: int = 100
     eval_chat: int = 150
@@ -91,8 +91,12 @@ class DemoSettings:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise ValueError(f"DemoSettings.t2i_share: expected a number in (0, 1], got {share!r}")
         weight = self.t2i_semantic_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"DemoSettings.t2i_semantic_loss_weight: expected a number >= 0, got {weight!r}")
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0
+        ):
+            raise ValueError(
+                f"DemoSettings.t2i_semantic_loss_weight: expected a number >= 0 or none, got {weight!r}"
+            )
         share = self.t2i_caption_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise ValueError(f"DemoSettings.t2i_caption_share: expected a number in [0, 1), got {share!r}")
@@ -485,10 +489,12 @@ def stage_mllm_t2i(ctx: DemoContext) -> dict:
         atomic_write_text(prompt_files[-1], "".join(json.dumps(r) + "\n" for r in records))
         prompts += count
     mixture = t2i_mixture(len(load_llava(split / "llava.json")), prompts, s.t2i_share)
+    overrides = {"output_semantic_dropout": 1.0}
+    if s.t2i_semantic_loss_weight is not None:
+        overrides["semantic_loss_weight"] = s.t2i_semantic_loss_weight
     extra = [
         "--model_name_or_path", str(stage2),
-        "--model_overrides",
-        json.dumps({"output_semantic_dropout": 1.0, "semantic_loss_weight": s.t2i_semantic_loss_weight}),
+        "--model_overrides", json.dumps(overrides),
         *(f"--{name}={value:.6f}" for name, value in mixture.items()),
     ]  # fmt: skip
     stage2_curve = read_curve(stage2 / "vqa_curve" / CURVE_FILE)

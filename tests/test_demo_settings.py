@@ -195,9 +195,8 @@ def test_the_text_to_image_stage_continues_from_stage_2_with_its_mixture(tmp_pat
     )
     assert (value("--max_steps"), value("--per_device_train_batch_size")) == ("5", "6")
     assert json.loads(value("--model_overrides")) == {
-        "output_semantic_dropout": 1.0,
-        "semantic_loss_weight": 1.0,
-    }
+        "output_semantic_dropout": 1.0
+    }  # stage 2's loss weights
     assert (
         "--prompt_repeat=3.000000" in argv and "--conversation_repeat=1.000000" in argv
     )  # 9 conversations, 3 x 3 prompts
