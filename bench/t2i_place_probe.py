@@ -97,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="folder for the images and probe.json (default: none kept)")
     args = parser.parse_args(argv)
+    if args.per_place < 1 or args.batch_size < 1:
+        parser.error(f"--per-place and --batch-size must be >= 1, got {args.per_place} and {args.batch_size}")
+    if not (Path(args.model) / "config.json").exists():
+        parser.error(f"--model {args.model}: no saved model there (run `make demo` first, or name one)")
 
     import torch
 
     from mllm.checkpoint import load_checkpoint
     from mllm.generation import GenerationSettings, generate_images
 
-    if not (Path(args.model) / "config.json").exists():
-        parser.error(f"--model {args.model}: no saved model there (run `make demo` first, or name one)")
     torch.set_num_threads(args.threads)
     model, processor = load_checkpoint(args.model)
     asked = probe_objects(args.per_place, args.seed)

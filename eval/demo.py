@@ -56,9 +56,10 @@ class DemoSettings:
     # "Captions that name every place"), so it stays 0.
     t2i_caption_share: float = 0.0
     # The semantic head's loss weight in the text-to-image stage (the model's `semantic_loss_weight`, set through
-    # `model_overrides`; None keeps stage 2's, 1 in the tiny preset). With the semantic codes no longer fed back their loss (4.5-5 nats
-    # against the pixel head's 0.4-0.6) is most of the stage's gradient. Measured at the long budget (0.1): the pixel
-    # losses ended where they did and T2I did not rise (README "Captions that name every place"), so it stays unset.
+    # `model_overrides`; None keeps stage 2's, 1 in the tiny preset). With the semantic codes no longer fed back,
+    # their loss (4.5-5 nats against the pixel head's 0.4-0.6) is most of the stage's gradient. Measured at the long
+    # budget (0.1): the pixel losses ended where they did and T2I did not rise (README "Captions that name every
+    # place"), so it stays unset.
     t2i_semantic_loss_weight: float | None = None
     eval_vqa: int = 400
     eval_captions: int = 100
@@ -87,24 +88,19 @@ class DemoSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"DemoSettings.{name}: expected an integer >= {minimum}, got {value!r}")
-        share = self.t2i_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-            raise ValueError(f"DemoSettings.t2i_share: expected a number in (0, 1], got {share!r}")
-        weight = self.t2i_semantic_loss_weight
-        if weight is not None and (
-            isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0
-        ):
-            raise ValueError(
-                f"DemoSettings.t2i_semantic_loss_weight: expected a number >= 0 or none, got {weight!r}"
-            )
-        share = self.t2i_caption_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-            raise ValueError(f"DemoSettings.t2i_caption_share: expected a number in [0, 1), got {share!r}")
-        weight = self.teacher_dense_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(
-                f"DemoSettings.teacher_dense_loss_weight: expected a number >= 0, got {self.teacher_dense_loss_weight!r}"
-            )
+        # Numbers: (name, accepts, what the error says is expected); None passes where "or none" is said.
+        numbers = (
+            ("t2i_share", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+            ("t2i_semantic_loss_weight", lambda v: v >= 0, "a number >= 0 or none"),
+            ("t2i_caption_share", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("teacher_dense_loss_weight", lambda v: v >= 0, "a number >= 0"),
+        )
+        for name, accepts, expected in numbers:
+            value = getattr(self, name)
+            if value is None and expected.endswith("or none"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not accepts(value):
+                raise ValueError(f"DemoSettings.{name}: expected {expected}, got {value!r}")
         if not isinstance(self.bf16, bool):
             raise ValueError(f"DemoSettings.bf16: expected true or false, got {self.bf16!r}")
 
